@@ -1,0 +1,83 @@
+"""Device mesh and the one table that maps logical array axes to mesh axes.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters sharded over it) and
+``tensor`` (heads / MLP hidden / vocab split). Modules and batches name their axes logically ('batch',
+'embed', 'heads', ...); only ``LOGICAL_AXIS_RULES`` below says where each goes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("classes", None),
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh; one size may be -1 (= the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive with at most one -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices are not divisible by fsdp*tensor*... = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
+            f"does not match the {len(devices)} devices"
+        )
+    # Auto axes: jit propagates shardings from the inputs and the annotations (the classic GSPMD mode).
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry these logical names."""
+    return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(logical_axes))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    """Number of shards the 'batch' axis is split into; batch sizes must be a multiple of it."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def shard_batch(tree, mesh: Mesh):
+    """Place every array of a batch pytree with its leading axis over the batch mesh axes."""
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        if x.shape[0] % batch_size_multiple(mesh):
+            raise ValueError(
+                f"batch dimension {x.shape[0]} is not divisible by the mesh's data*fsdp = {batch_size_multiple(mesh)}"
+            )
+        return jax.device_put(x, logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1)))
+
+    return jax.tree.map(put, tree)
