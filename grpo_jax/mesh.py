@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -81,3 +82,37 @@ def shard_batch(tree, mesh: Mesh):
         return jax.device_put(x, logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1)))
 
     return jax.tree.map(put, tree)
+
+
+def param_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    """Sharding of one param from its logical axis names; a dimension not divisible by its mesh axes is replicated
+    (e.g. 2 kv heads on tensor=4), so any checkpoint loads on any mesh."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match the param's shape {tuple(shape)}")
+    spec = tuple(logical_spec(logical_axes)) + (None,) * len(shape)
+    fitted = []
+    for dim, axes in zip(shape, spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        fitted.append(axes if dim % int(np.prod([mesh.shape[a] for a in names])) == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*fitted))
+
+
+def _logical_axes(variable) -> tuple[str | None, ...]:
+    axes = variable.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None,) * len(variable.shape)
+
+
+def model_shardings(state, mesh: Mesh):
+    """NamedSharding for every Variable of an NNX state (concrete or abstract), from its logical axis metadata."""
+    return jax.tree.map(
+        lambda v: v.replace(param_sharding(mesh, _logical_axes(v), v.shape)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def shard_model(model, mesh: Mesh):
+    """Place every param of an NNX model with its logical-axis sharding on ``mesh`` (in place; returns the model)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, model_shardings(state, mesh)))
+    return model

@@ -1,0 +1,98 @@
+"""Named algorithm presets: an ``AlgoConfig`` (loss + advantage settings) per published variant.
+
+In YAML, ``algo: {preset: dapo, loss: {beta: 0.01}}`` starts from the preset and overrides the keys given.
+In Python, ``presets.dapo()`` or ``AlgoConfig.from_preset("dapo")``. Rollout-side parts of a recipe (DAPO's
+dynamic sampling and overlong shaping) are separate switches, named in each docstring.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from grpo_jax.advantages import AdvantageConfig
+from grpo_jax.losses import LossConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlgoConfig:
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
+
+    @classmethod
+    def from_preset(cls, name: str) -> AlgoConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+
+def grpo() -> AlgoConfig:
+    """GRPO (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300):
+    A_i = (r_i - mean_G)/(std_G + ε);  L = (1/B) Σ_i (1/|o_i|) Σ_t [-min(ρ_it A_i, clip(ρ_it, 0.8, 1.2) A_i) + 0.04·k3_it].
+    """
+    return AlgoConfig(
+        loss=LossConfig(kind="grpo", clip_low=0.2, agg="seq-mean-token-mean", beta=0.04, kl_kind="k3"),
+        advantage=AdvantageConfig(scale="group"),
+    )
+
+
+def dr_grpo() -> AlgoConfig:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783): no std division
+    (difficulty bias) and a constant length norm instead of 1/|o_i| (length bias), no KL:
+    A_i = r_i - mean_G;  L = (1/(B·L_max)) Σ_i Σ_t -min(ρ_it A_i, clip(ρ_it, 0.8, 1.2) A_i),
+    with L_max = loss.norm_len (the trainer fills in max_new_tokens when it is null).
+    """
+    return AlgoConfig(
+        loss=LossConfig(kind="grpo", clip_low=0.2, agg="seq-mean-token-sum-norm", beta=0.0),
+        advantage=AdvantageConfig(scale="none"),
+    )
+
+
+def dapo() -> AlgoConfig:
+    """DAPO (Yu et al. 2025, arXiv:2503.14476): clip-higher (ε_lo=0.2, ε_hi=0.28), token-level loss, no KL:
+    L = (1/Σ_i|o_i|) Σ_i Σ_t -min(ρ_it A_i, clip(ρ_it, 0.8, 1.28) A_i), A_i group-normalised.
+    The recipe's other two parts live on the rollout side: overlong reward shaping
+    (``grpo_jax.rewards.overlong_penalty``) and dynamic sampling (``grpo_jax.rewards.dynamic_sampling_mask``).
+    """
+    return AlgoConfig(
+        loss=LossConfig(kind="grpo", clip_low=0.2, clip_high=0.28, agg="token-mean", beta=0.0),
+        advantage=AdvantageConfig(scale="group"),
+    )
+
+
+def bnpo() -> AlgoConfig:
+    """TRL's ``loss_type="bnpo"``: GRPO with the loss averaged over all valid tokens of the local batch,
+    L = (1/Σ_i|o_i|) Σ_i Σ_t [ℓ^clip_it + 0.04·k3_it]. Here gradient accumulation is exact, so "the local batch" is the
+    whole optimizer batch and this equals token-mean aggregation. Not to be confused with BNPO, "Beta Normalization
+    Policy Optimization" (Xiao et al. 2025, arXiv:2506.02864), which normalises rewards with a Beta distribution.
+    """
+    return AlgoConfig(
+        loss=LossConfig(kind="grpo", clip_low=0.2, agg="token-mean", beta=0.04, kl_kind="k3"),
+        advantage=AdvantageConfig(scale="group"),
+    )
+
+
+def gspo() -> AlgoConfig:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071): the length-normalised
+    sequence ratio s_i = exp((1/|o_i|) Σ_t (logp_it - old_it)) is clipped to [1-3e-4, 1+4e-4]:
+    L = (1/B) Σ_i -min(s_i A_i, clip(s_i, 1-3e-4, 1+4e-4) A_i)  (GSPO-token form, equal gradients), no KL.
+    """
+    return AlgoConfig(
+        loss=LossConfig(kind="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean", beta=0.0),
+        advantage=AdvantageConfig(scale="group"),
+    )
+
+
+def cispo() -> AlgoConfig:
+    """CISPO (MiniMax-M1, arXiv:2506.13585): clip the importance weight, not the update, so every token keeps a
+    gradient; no lower bound (ε_lo = 1), ε_hi = 0.28 (the paper tunes only ε_hi), token-level, no KL:
+    L = -(1/Σ_i|o_i|) Σ_i Σ_t sg(clip(ρ_it, 0, 1.28)) A_i log π_θ(o_it).
+    """
+    return AlgoConfig(
+        loss=LossConfig(kind="cispo", clip_low=1.0, clip_high=0.28, agg="token-mean", beta=0.0),
+        advantage=AdvantageConfig(scale="group"),
+    )
+
+
+PRESETS: dict[str, Callable[[], AlgoConfig]] = {
+    f.__name__: f for f in (grpo, dr_grpo, dapo, bnpo, gspo, cispo)
+}
