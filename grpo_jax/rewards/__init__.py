@@ -1,4 +1,32 @@
-"""Rewards: verifiers, batched shaping, reward models."""
+"""Rewards: the registry and built-in verifiers, group-level length penalty, batched shaping, the timeout worker
+pool, and ``compute_rewards`` that combines them for a rollout batch."""
+from grpo_jax.rewards.combine import compute_rewards, resolve_rewards
+from grpo_jax.rewards.config import OverlongConfig, RewardSpec, RewardsConfig
+from grpo_jax.rewards.length import length_penalty
+from grpo_jax.rewards.pool import Outcome, RewardPool
+from grpo_jax.rewards.registry import get_reward, register_reward, registered_rewards
 from grpo_jax.rewards.shaping import dynamic_sampling_mask, overlong_penalty, zero_variance_fraction
+from grpo_jax.rewards.verifiers import answer_tag, countdown, exact_int, format_reward, last_boxed, math_verify
 
-__all__ = ["dynamic_sampling_mask", "overlong_penalty", "zero_variance_fraction"]
+__all__ = [
+    "OverlongConfig",
+    "Outcome",
+    "RewardPool",
+    "RewardSpec",
+    "RewardsConfig",
+    "answer_tag",
+    "compute_rewards",
+    "countdown",
+    "dynamic_sampling_mask",
+    "exact_int",
+    "format_reward",
+    "get_reward",
+    "last_boxed",
+    "length_penalty",
+    "math_verify",
+    "overlong_penalty",
+    "register_reward",
+    "registered_rewards",
+    "resolve_rewards",
+    "zero_variance_fraction",
+]

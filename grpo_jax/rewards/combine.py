@@ -1,0 +1,138 @@
+"""Score a rollout batch: run every configured reward, clean and weight the values, log per-reward metrics.
+
+Failure policy (a researcher wants the run to survive a bad reward function): a call that raises or times out
+scores 0 and is counted in ``reward/<name>/errors``; a value that is None, NaN, ±inf or not a number scores 0 and
+is counted in ``reward/<name>/invalid``; the first traceback of each (reward, error kind) is logged once per
+process. The returned total is therefore always finite.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import numpy as np
+
+from grpo_jax.rewards.config import RewardSpec, RewardsConfig
+from grpo_jax.rewards.pool import Outcome, RewardPool, run_inline
+from grpo_jax.rewards.registry import RegisteredReward, check_kwargs, get_reward
+from grpo_jax.rewards.shaping import overlong_penalty, zero_variance_fraction
+
+logger = logging.getLogger(__name__)
+_logged_errors: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Term:
+    spec: RewardSpec
+    reward: RegisteredReward
+    kwargs: dict[str, Any]
+    correct_from: str | None
+
+
+def resolve_rewards(cfg: RewardsConfig) -> tuple[_Term, ...]:
+    """Look every reward up and check its kwargs, so a typo fails before the first rollout."""
+    names = [spec.name for spec in cfg.fns]
+    terms = []
+    for spec in cfg.fns:
+        reward, kwargs = get_reward(spec.name), dict(spec.kwargs)
+        correct_from = kwargs.pop("correct_from", None) if reward.kind == "group" else None
+        if reward.kind == "group":
+            sample_names = [n for n in names if get_reward(n).kind == "sample"]
+            if correct_from not in sample_names:
+                raise ValueError(
+                    f"reward {spec.name!r}: kwargs.correct_from must name a sample reward of this config "
+                    f"({sample_names}), got {correct_from!r}"
+                )
+        check_kwargs(reward, kwargs)
+        terms.append(_Term(spec=spec, reward=reward, kwargs=kwargs, correct_from=correct_from))
+    return tuple(sorted(terms, key=lambda t: t.reward.kind == "group"))  # sample rewards first: groups read them
+
+
+def compute_rewards(
+    cfg: RewardsConfig,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    group_size: int,
+    lengths_B: np.ndarray | None = None,
+    pool: RewardPool | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """``(rewards_B float32, metrics)`` for B completions laid out as consecutive groups of ``group_size``.
+
+    lengths_B: completion lengths in tokens; required for overlong shaping, and used by group rewards
+      (otherwise they see character lengths).
+    pool: the run's :class:`RewardPool`; without one, a temporary pool is started for isolated rewards.
+    """
+    B = len(completions)
+    if len(prompts) != B or len(examples) != B:
+        raise ValueError(f"compute_rewards: got {len(prompts)} prompts, {B} completions, {len(examples)} examples")
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"compute_rewards: batch size {B} is not a multiple of group_size={group_size}")
+    if lengths_B is not None and np.shape(lengths_B) != (B,):
+        raise ValueError(f"compute_rewards: lengths_B must have shape ({B},), got {np.shape(lengths_B)}")
+    if cfg.overlong is not None and lengths_B is None:
+        raise ValueError("compute_rewards: RewardsConfig.overlong is set, so lengths_B (tokens) must be given")
+    terms = resolve_rewards(cfg)
+    lengths = np.asarray(lengths_B if lengths_B is not None else [len(c) for c in completions], np.float64)
+    values: dict[str, np.ndarray] = {}
+    metrics: dict[str, float] = {}
+    total_B = np.zeros(B, np.float64)
+    needs_pool = pool is None and any(t.reward.isolated for t in terms)
+    with RewardPool(cfg.num_workers) if needs_pool else contextlib.nullcontext(pool) as pool:
+        for term in terms:
+            name = term.spec.name
+            if term.reward.kind == "sample":
+                args_list = list(zip(prompts, completions, examples))
+                if term.reward.isolated:
+                    outcomes = pool.map(term.reward.fn, args_list, term.kwargs, timeout_s=cfg.timeout_s)
+                else:
+                    outcomes = run_inline(term.reward.fn, args_list, term.kwargs)
+            else:
+                outcomes = _run_group(term, lengths, values[term.correct_from] > 0, group_size)
+            values[name], metrics[f"reward/{name}/errors"], metrics[f"reward/{name}/invalid"] = _clean(name, outcomes)
+            metrics[f"reward/{name}/mean"] = float(values[name].mean())
+            total_B += term.spec.weight * values[name]
+    if cfg.overlong is not None:
+        over = cfg.overlong
+        penalty_B = np.asarray(overlong_penalty(lengths, over.max_len, over.buffer, over.factor), np.float64)
+        metrics["reward/overlong/mean"] = float(penalty_B.mean())
+        total_B += penalty_B
+    total_B = total_B.astype(np.float32)
+    metrics["reward/total/mean"] = float(total_B.mean())
+    metrics["reward/total/std"] = float(total_B.std())
+    metrics["reward/zero_variance_fraction"] = float(zero_variance_fraction(total_B, group_size))
+    return total_B, metrics
+
+
+def _run_group(term: _Term, lengths: np.ndarray, correct_B: np.ndarray, group_size: int) -> list[Outcome]:
+    """Call a group reward once per group; a group whose call fails (or returns the wrong shape) errors as a whole."""
+    outcomes = []
+    for start in range(0, len(lengths), group_size):
+        span = slice(start, start + group_size)
+        [result] = run_inline(term.reward.fn, [(lengths[span], correct_B[span])], term.kwargs)
+        if result.error is None and np.shape(result.value) != (group_size,):
+            result = Outcome(error="ValueError", traceback=f"returned shape {np.shape(result.value)}, want ({group_size},)")
+        outcomes += [result] * group_size if result.error else [Outcome(value=v) for v in np.asarray(result.value)]
+    return outcomes
+
+
+def _clean(name: str, outcomes: Sequence[Outcome]) -> tuple[np.ndarray, float, float]:
+    """Values as float64 with failures and non-finite or non-numeric values set to 0, plus the two counts."""
+    values, errors, invalid = np.zeros(len(outcomes), np.float64), 0, 0
+    for i, outcome in enumerate(outcomes):
+        if outcome.error is not None:
+            errors += 1
+            if (name, outcome.error) not in _logged_errors:
+                _logged_errors.add((name, outcome.error))
+                logger.warning("reward %r: %s (scored 0; logged once per error kind)\n%s", name, outcome.error, outcome.traceback)
+        elif isinstance(outcome.value, Real) and math.isfinite(outcome.value):
+            values[i] = float(outcome.value)
+        else:
+            invalid += 1
+    return values, float(errors), float(invalid)

@@ -1,0 +1,94 @@
+"""Typed reward registry: names -> reward functions, plus "module:function" imports for custom rewards.
+
+Two kinds of reward exist:
+
+* ``sample``: ``fn(prompt: str, completion: str, example: Mapping[str, Any], **kwargs) -> float | None``, one call
+  per completion. Verifiers are of this kind.
+* ``group``: ``fn(lengths_N: np.ndarray, correct_N: np.ndarray, **kwargs) -> np.ndarray`` (shape ``[N]``), one call
+  per group of N completions of the same prompt; it sees the whole group (the dynamic length penalty).
+
+``isolated=True`` means the function may hang (sympy, user code) and is run in the timeout worker pool; it must
+then be importable by reference (a module-level function), since workers are fresh processes.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+RewardKind = Literal["sample", "group"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisteredReward:
+    name: str
+    fn: Callable
+    kind: RewardKind
+    isolated: bool
+
+
+_REGISTRY: dict[str, RegisteredReward] = {}
+
+
+def register_reward(name: str, fn: Callable | None = None, *, kind: RewardKind = "sample", isolated: bool = True):
+    """Register ``fn`` under ``name``; usable as ``@register_reward("name")`` or ``register_reward("name", fn)``."""
+    if kind not in ("sample", "group"):
+        raise ValueError(f"register_reward({name!r}): kind must be 'sample' or 'group', got {kind!r}")
+    if kind == "group" and isolated:
+        raise ValueError(f"register_reward({name!r}): group rewards run in-process; pass isolated=False")
+
+    def add(f: Callable) -> Callable:
+        if name in _REGISTRY and _REGISTRY[name].fn is not f:
+            raise ValueError(f"register_reward: the name {name!r} is already registered to {_REGISTRY[name].fn!r}")
+        _REGISTRY[name] = RegisteredReward(name=name, fn=f, kind=kind, isolated=isolated)
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def registered_rewards() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_reward(ref: str | Callable) -> RegisteredReward:
+    """Resolve a registered name, a ``"package.module:function"`` path, or a callable (a sample reward).
+
+    Custom rewards (paths and callables) are isolated in the worker pool, since they may hang.
+    """
+    _load_builtins()
+    if callable(ref):
+        name = f"{ref.__module__}:{ref.__qualname__}"
+        return RegisteredReward(name=name, fn=ref, kind="sample", isolated=True)
+    if ref in _REGISTRY:
+        return _REGISTRY[ref]
+    if ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {ref!r}: cannot import it ({type(e).__name__}: {e})") from e
+        if not callable(fn):
+            raise ValueError(f"reward {ref!r}: {fn!r} is not callable")
+        return RegisteredReward(name=ref, fn=fn, kind="sample", isolated=True)
+    raise ValueError(
+        f"unknown reward {ref!r}; registered: {', '.join(registered_rewards())} "
+        "(or give a 'package.module:function' path)"
+    )
+
+
+def check_kwargs(reward: RegisteredReward, kwargs: dict) -> None:
+    """Fail fast, before any rollout, if ``kwargs`` do not fit the reward function's signature."""
+    positional = ("prompt", "completion", "example") if reward.kind == "sample" else ("lengths_N", "correct_N")
+    try:
+        inspect.signature(reward.fn).bind(*positional, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"reward {reward.name!r}: kwargs {sorted(kwargs)} do not fit its signature ({e})") from e
+
+
+def _load_builtins() -> None:
+    # The built-in rewards register themselves on import; importing here keeps the registry complete however
+    # the user reached it.
+    import grpo_jax.rewards.length  # noqa: F401
+    import grpo_jax.rewards.verifiers  # noqa: F401
