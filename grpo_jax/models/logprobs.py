@@ -1,0 +1,79 @@
+"""Token log-probs (and entropies) from hidden states, vocab projection chunked over the sequence."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.models.heads import CausalLM
+
+
+def _chunk_stats(h_BxCxE, targets_BxC, w_ExV, inv_temperature, return_entropy):
+    """float32 log p(target) and entropy of softmax(h @ w / temperature) for one chunk of positions."""
+    logits_BxCxV = jnp.einsum("bce,ev->bcv", h_BxCxE, w_ExV, preferred_element_type=jnp.float32) * inv_temperature
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    logps_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0] - lse_BxC
+    if not return_entropy:
+        return logps_BxC, None
+    probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
+    return logps_BxC, lse_BxC - jnp.sum(probs_BxCxV * logits_BxCxV, axis=-1)
+
+
+def token_logprobs(
+    model: CausalLM,
+    tokens_BxT,
+    mask_BxT,
+    *,
+    temperature: float | jax.Array = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int = 128,
+    positions_BxT=None,
+):
+    """Next-token log-probs under softmax(logits / temperature), never materialising float32 [B, T, V] logits.
+
+    ``logps_BxT[b, t] = log softmax(logits[b, t-1] / temperature)[tokens[b, t]]`` for t >= 1 where both token t and
+    token t-1 are real (``mask_BxT`` = attention mask, 1 = real, left padding allowed); 0 elsewhere (so t = 0 and
+    each row's first real token are 0). With ``return_entropy`` also ``entropy_BxT[b, t]`` = entropy of that same
+    distribution (same zeros); returns ``(logps_BxT, entropy_BxT)``, both float32.
+
+    The decoder runs once to hidden states [B, T, E] (compute dtype); the projection to the vocab runs over
+    ceil((T-1) / chunk_size) chunks of positions under ``jax.lax.map`` with each chunk rematerialised in the
+    backward pass (``jax.checkpoint``). Peak memory of the head, forward or backward:
+        B * chunk_size * V * 4 bytes                  (one chunk of float32 logits)
+      + B * chunk_size * V * 4 bytes more with return_entropy (the chunk's probabilities)
+    on top of the decoder's own activations, instead of B * T * V * 4.
+    """
+    tokens_BxT = jnp.asarray(tokens_BxT)
+    mask_BxT = jnp.asarray(mask_BxT).astype(bool)
+    if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+        raise ValueError(f"tokens_BxT must be a 2-D integer array, got {tokens_BxT.dtype}{list(tokens_BxT.shape)}")
+    if mask_BxT.shape != tokens_BxT.shape:
+        raise ValueError(f"mask_BxT has shape {mask_BxT.shape}, expected tokens' shape {tokens_BxT.shape}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, T = tokens_BxT.shape
+    hidden_BxTxE = model.hidden_states(tokens_BxT, positions_BxT, mask_BxT)
+    n = T - 1
+    chunk = min(chunk_size, max(n, 1))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h_NxBxCxE = jnp.pad(hidden_BxTxE[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    h_NxBxCxE = h_NxBxCxE.reshape(B, n_chunks, chunk, -1).transpose(1, 0, 2, 3)
+    targets_NxBxC = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).transpose(1, 0, 2)
+    w_ExV = model.lm_head_ExV()
+    inv_temperature = 1.0 / jnp.asarray(temperature, jnp.float32)
+
+    @jax.checkpoint
+    def stats(xs):
+        return _chunk_stats(*xs, w_ExV, inv_temperature, return_entropy)
+
+    logps_NxBxC, entropy_NxBxC = jax.lax.map(stats, (h_NxBxCxE, targets_NxBxC))
+    valid_BxT = jnp.pad(mask_BxT[:, 1:] & mask_BxT[:, :-1], ((0, 0), (1, 0)))
+
+    def unchunk(x_NxBxC):
+        x_BxT = jnp.pad(x_NxBxC.transpose(1, 0, 2).reshape(B, n_chunks * chunk)[:, :n], ((0, 0), (1, 0)))
+        return jnp.where(valid_BxT, x_BxT, 0.0)
+
+    logps_BxT = unchunk(logps_NxBxC)
+    return (logps_BxT, unchunk(entropy_NxBxC)) if return_entropy else logps_BxT

@@ -1,0 +1,169 @@
+"""Decoder-only transformer in Flax NNX for Qwen2/2.5, Qwen3 and Llama-3 (one implementation, config flags).
+
+Pre-norm blocks: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate(x)) * up(x)), RMSNorm before each and at the
+end; GQA; optional q/k/v/o/MLP biases and Qwen3 q/k norms. All layers live in one ``LayerStack`` whose params have a
+leading 'layers' axis and run under ``jax.lax.scan``, so compile time does not grow with depth. Every param carries
+its logical axis names in ``out_sharding`` metadata (names from ``grpo_jax.mesh.LOGICAL_AXIS_RULES``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grpo_jax.models.cache import KVCache
+from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.rope import apply_rope, inv_frequencies, rope_tables
+
+INIT_STDDEV = 0.02  # transformers' initializer_range default
+
+
+def init_param(rngs: nnx.Rngs, cfg: ModelConfig, axes: tuple[str, ...], shape: tuple[int, ...], init: str) -> nnx.Param:
+    if init == "normal":
+        value = INIT_STDDEV * jax.random.normal(rngs.params(), shape, cfg.params_dtype)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, cfg.params_dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, scale: nnx.Param, eps: float) -> jax.Array:
+    """x / rms(x) in float32, cast back to x's dtype, times the learned scale (transformers' order of casts)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale[...].astype(x.dtype)
+
+
+class LayerStack(nnx.Module):
+    """Params of all decoder layers, each with a leading [L] axis. HF layer i is index i of every param."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        L, E, F, N, K, H = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
+                            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+        def p(axes, shape, init="normal"):
+            return init_param(rngs, cfg, ("layers",) + axes, (L,) + shape, init)
+
+        self.attn_norm = p(("norm",), (E,), "ones")
+        self.q = p(("embed", "heads", "head_dim"), (E, N, H))
+        self.k = p(("embed", "kv_heads", "head_dim"), (E, K, H))
+        self.v = p(("embed", "kv_heads", "head_dim"), (E, K, H))
+        self.o = p(("heads", "head_dim", "embed"), (N, H, E))
+        if cfg.qkv_bias:
+            self.q_bias = p(("heads", "head_dim"), (N, H), "zeros")
+            self.k_bias = p(("kv_heads", "head_dim"), (K, H), "zeros")
+            self.v_bias = p(("kv_heads", "head_dim"), (K, H), "zeros")
+        if cfg.o_bias:
+            self.o_bias = p(("embed",), (E,), "zeros")
+        if cfg.qk_norm:
+            self.q_norm = p(("norm",), (H,), "ones")
+            self.k_norm = p(("norm",), (H,), "ones")
+        self.mlp_norm = p(("norm",), (E,), "ones")
+        self.gate = p(("embed", "mlp"), (E, F))
+        self.up = p(("embed", "mlp"), (E, F))
+        self.down = p(("mlp", "embed"), (F, E))
+        if cfg.mlp_bias:
+            self.gate_bias = p(("mlp",), (F,), "zeros")
+            self.up_bias = p(("mlp",), (F,), "zeros")
+            self.down_bias = p(("embed",), (E,), "zeros")
+
+
+def _dense(x: jax.Array, w: nnx.Param, equation: str, bias: nnx.Param | None) -> jax.Array:
+    y = jnp.einsum(equation, x, w[...].astype(x.dtype))
+    return y if bias is None else y + bias[...].astype(x.dtype)
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_mask_BxS, offset) -> jax.Array:
+    """Causal GQA attention of T queries at slots offset..offset+T-1 over S key slots; softmax in float32.
+
+    Query t may see key slot s iff s <= offset + t and key_mask_BxS[b, s]. A query with no visible key (a pad
+    position before a row's first real token) gets a finite, meaningless output instead of NaN.
+    Memory: the float32 scores are [B, N, T, S] (no flash attention here).
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores = scores * (H**-0.5)
+    causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
+    allowed_Bx1x1xTxS = (key_mask_BxS[:, None, :] & causal_TxS[None])[:, None, None]
+    scores = jnp.where(allowed_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(B, T, N, H)
+
+
+def _layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, kv_write, key_mask_BxS, offset):
+    """One decoder layer. ``kv_write(k, v) -> (keys, values)`` stores the new k/v (cache) or passes them through."""
+    opt = lambda name: getattr(p, name, None)  # noqa: E731  (absent params: bias/norm flags off)
+    h = rms_norm(x_BxTxE, p.attn_norm, cfg.rms_norm_eps)
+    q = _dense(h, p.q, "bte,enh->btnh", opt("q_bias"))
+    k = _dense(h, p.k, "bte,enh->btnh", opt("k_bias"))
+    v = _dense(h, p.v, "bte,enh->btnh", opt("v_bias"))
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
+    keys, values = kv_write(apply_rope(k, cos, sin), v)
+    attn = attend(apply_rope(q, cos, sin), keys, values, key_mask_BxS, offset)
+    x_BxTxE = x_BxTxE + _dense(attn, p.o, "btnh,nhe->bte", opt("o_bias"))
+    h = rms_norm(x_BxTxE, p.mlp_norm, cfg.rms_norm_eps)
+    gated = jax.nn.silu(_dense(h, p.gate, "bte,ef->btf", opt("gate_bias"))) * _dense(h, p.up, "bte,ef->btf", opt("up_bias"))
+    return x_BxTxE + _dense(gated, p.down, "btf,fe->bte", opt("down_bias"))
+
+
+class Decoder(nnx.Module):
+    """Embedding, the layer stack and the final norm: tokens -> final normed hidden states."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = init_param(rngs, cfg, ("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size), "normal")
+        self.layers = LayerStack(cfg, rngs=rngs)
+        self.norm = init_param(rngs, cfg, ("norm",), (cfg.hidden_size,), "ones")
+
+    def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None):
+        cfg = self.config
+        tokens_BxT = jnp.asarray(tokens_BxT)
+        if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+            raise ValueError(f"tokens_BxT must be a 2-D integer array, got {tokens_BxT.dtype}{list(tokens_BxT.shape)}")
+        B, T = tokens_BxT.shape
+        mask_BxT = jnp.ones((B, T), bool) if attention_mask_BxT is None else jnp.asarray(attention_mask_BxT).astype(bool)
+        if mask_BxT.shape != (B, T):
+            raise ValueError(f"attention_mask_BxT has shape {mask_BxT.shape}, expected tokens' shape {(B, T)}")
+        if cache is not None and cache.mask_BxS.shape[0] != B:
+            raise ValueError(f"cache holds {cache.mask_BxS.shape[0]} rows but tokens_BxT has {B}")
+        if positions_BxT is None:  # first real token of each row is position 0; pads repeat a neighbour's position
+            start_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths_B
+            positions_BxT = start_B[:, None] + jnp.maximum(jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1, 0)
+        cos, sin = rope_tables(positions_BxT, inv_frequencies(cfg), cfg.compute_dtype)
+        x_BxTxE = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        graphdef, stack = nnx.split(self.layers)
+
+        if cache is None:
+            def body(x, layer_state):
+                p = nnx.merge(graphdef, layer_state)
+                return _layer(cfg, p, x, cos, sin, lambda k, v: (k, v), mask_BxT, 0), None
+
+            body = jax.checkpoint(body) if cfg.remat else body
+            x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, stack)
+            return rms_norm(x_BxTxE, self.norm, cfg.rms_norm_eps), None
+
+        index = cache.index
+        key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
+
+        def body_cached(carry, xs):
+            x, k_all, v_all = carry
+            layer_state, i = xs
+            p = nnx.merge(graphdef, layer_state)
+
+            def kv_write(k, v):  # write this layer's new k/v at slot `index`, then attend over the whole cache row
+                nonlocal k_all, v_all
+                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, index, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, index, 0, 0))
+                return k_all[i].astype(k.dtype), v_all[i].astype(v.dtype)
+
+            x = _layer(cfg, p, x, cos, sin, kv_write, key_mask_BxS, index)
+            return (x, k_all, v_all), None
+
+        body_cached = jax.checkpoint(body_cached) if cfg.remat else body_cached
+        carry = (x_BxTxE, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+        (x_BxTxE, k_all, v_all), _ = jax.lax.scan(body_cached, carry, (stack, jnp.arange(cfg.num_layers)))
+        new_cache = KVCache(k_LxBxSxKxH=k_all, v_LxBxSxKxH=v_all, mask_BxS=key_mask_BxS, index=index + T)
+        return rms_norm(x_BxTxE, self.norm, cfg.rms_norm_eps), new_cache

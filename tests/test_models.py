@@ -1,0 +1,138 @@
+"""Parity of the NNX decoder with transformers' torch models, padding invariance, KV cache, reward head."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_hf import PAD, hf_causal_lm, hf_classifier, left_padded, torch_forward
+
+from grpo_jax.models import CausalLM, KVCache, load_hf
+
+FAMILIES = ("qwen2", "qwen3", "llama")
+T = 48  # > original_max_position_embeddings=16 of the llama3 rope config
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """family -> (torch model, our model loaded from its save_pretrained folder)."""
+    out = {}
+    for family in FAMILIES:
+        hf = hf_causal_lm(family)
+        folder = tmp_path_factory.mktemp(family)
+        hf.save_pretrained(folder)
+        out[family] = (hf, load_hf(folder))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_logits_match_transformers(pair, family):
+    hf, ours = pair[family]
+    tokens, _ = left_padded([T, T], T, seed=1)
+    got = np.asarray(ours(jnp.asarray(tokens)))
+    assert got.shape == (2, T, 128)
+    np.testing.assert_allclose(got, torch_forward(hf, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_logits_match_transformers_and_unpadded_rows(pair, family):
+    hf, ours = pair[family]
+    lengths = [T, 30, 7]
+    tokens, mask = left_padded(lengths, T, seed=2)
+    got = np.asarray(ours(tokens, attention_mask_BxT=mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], torch_forward(hf, tokens, mask)[real], atol=1e-4, rtol=0)
+    for b, n in enumerate(lengths):  # each padded row equals the same tokens run alone without padding
+        alone = np.asarray(ours(tokens[b : b + 1, T - n :]))[0]
+        np.testing.assert_allclose(got[b, T - n :], alone, atol=1e-5, rtol=0)
+    assert np.isfinite(got).all()  # pad query positions give finite (meaningless) logits, not NaN
+
+
+def test_llama3_rope_scaling_changes_the_logits(pair):
+    """The llama3 parity test is only meaningful if the scaling is active at these lengths."""
+    _, ours = pair["llama"]
+    unscaled = _with_config(ours, rope_scaling=None)
+    tokens, _ = left_padded([T], T, seed=3)
+    assert np.abs(np.asarray(ours(tokens)) - np.asarray(unscaled(tokens))).max() > 1e-2
+
+
+def _with_config(model, **changes):
+    graphdef, state = nnx.split(model)
+    clone = nnx.merge(graphdef, state)
+    new_cfg = dataclasses.replace(clone.config, **changes)
+    clone.config = new_cfg
+    clone.model.config = new_cfg
+    return clone
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_kv_cache_prefill_then_decode_matches_full_forward(pair, family):
+    _, ours = pair[family]
+    P, Tp, D = 2, 12, 6
+    prompt, prompt_mask = left_padded([Tp, 5], Tp, seed=4)
+    completion = np.random.default_rng(5).integers(3, 128, (P, D)).astype(np.int32)
+    full = np.asarray(ours(np.concatenate([prompt, completion], 1), attention_mask_BxT=np.pad(prompt_mask, ((0, 0), (0, D)), constant_values=1)))
+
+    step = nnx.jit(lambda m, tok, mask, cache: m(tok, attention_mask_BxT=mask, cache=cache))
+    logits, cache = step(ours, prompt, prompt_mask, KVCache.init(ours.config, P, Tp + D))
+    real = prompt_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], full[:, :Tp][real], atol=1e-5)
+    for t in range(D):
+        logits, cache = step(ours, completion[:, t : t + 1], np.ones((P, 1), np.int32), cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, Tp + t], atol=1e-5)
+    assert int(cache.index) == Tp + D
+    np.testing.assert_array_equal(cache.lengths_B, [Tp + D, 5 + D])
+
+
+def test_prefilled_cache_broadcasts_to_group_samples(pair):
+    _, ours = pair["qwen3"]
+    P, G, Tp = 2, 3, 10
+    prompt, prompt_mask = left_padded([Tp, 4], Tp, seed=6)
+    _, cache = ours(prompt, attention_mask_BxT=prompt_mask, cache=KVCache.init(ours.config, P, Tp + 2))
+    cache = cache.repeat(G)
+    assert cache.k_LxBxSxKxH.shape == (2, P * G, Tp + 2, 2, 16)
+    next_tokens = np.arange(3, 3 + P * G, dtype=np.int32)[:, None]  # a different sample token in every row
+    logits, _ = ours(next_tokens, attention_mask_BxT=np.ones((P * G, 1), np.int32), cache=cache)
+    rows = np.repeat(np.arange(P), G)
+    full = np.asarray(ours(np.concatenate([prompt[rows], next_tokens], 1), attention_mask_BxT=np.pad(prompt_mask[rows], ((0, 0), (0, 1)), constant_values=1)))
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_reward_head_matches_qwen2_for_sequence_classification(tmp_path, padding):
+    hf = hf_classifier("qwen2", num_labels=1)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    tokens, mask = left_padded([20, 13, 6, 20], 20, seed=7)
+    if padding == "right":
+        order = np.argsort(~mask.astype(bool), axis=1, kind="stable")
+        tokens, mask = np.take_along_axis(tokens, order, 1), np.take_along_axis(mask, order, 1)
+    got = np.asarray(ours(tokens, attention_mask_BxT=mask))
+    assert got.shape == (4, 1) and got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_forward(hf, tokens, mask), atol=1e-4, rtol=0)
+    assert (tokens[:, -1] == PAD).any() == (padding == "right")
+
+
+def test_remat_gives_same_logits_and_grads(pair):
+    _, ours = pair["qwen2"]
+    remat = _with_config(ours, remat=True)
+    tokens, mask = left_padded([16, 9], 16, seed=8)
+
+    def loss(model):
+        return jnp.mean(model(tokens, attention_mask_BxT=mask)[..., :5] ** 2)
+
+    g_plain, g_remat = nnx.grad(loss)(ours), nnx.grad(loss)(remat)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_bf16_compute_with_fp32_params(tmp_path):
+    hf = hf_causal_lm("llama")
+    hf.save_pretrained(tmp_path)
+    model = load_hf(tmp_path, dtype="bfloat16", param_dtype="float32")
+    assert isinstance(model, CausalLM) and model.model.embed[...].dtype == jnp.float32
+    tokens, _ = left_padded([24], 24, seed=9)
+    logits = model(tokens)
+    assert logits.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(logits, np.float32), torch_forward(hf, tokens), atol=0.1)
