@@ -1,0 +1,79 @@
+"""Synthetic, seeded tasks with difficulty levels 1-4: integer arithmetic and Countdown.
+
+Both use ``random.Random(seed)`` (stable across Python versions) and compute answers with the same safe
+evaluator the rewards use, so a generated answer is exactly what the verifier accepts.
+"""
+from __future__ import annotations
+
+import random
+
+from grpo_jax.rewards.verifiers import eval_arithmetic, parse_arithmetic
+
+# difficulty -> (number of operands, max digits per operand)
+ARITH_LEVELS = {1: (2, 1), 2: (3, 2), 3: (4, 2), 4: (5, 3)}
+# difficulty -> how many numbers are given; targets lie in [1, COUNTDOWN_MAX_TARGET]
+COUNTDOWN_LEVELS = {1: 3, 2: 4, 3: 5, 4: 6}
+COUNTDOWN_MAX_NUMBER = 99
+COUNTDOWN_MAX_TARGET = 100
+
+
+def arith_examples(num_examples: int, difficulty: int, seed: int) -> list[dict]:
+    """``a op b op c ...`` with ops from + - * (usual precedence); answer is the exact integer value.
+
+    Example fields: question, answer (str), expression.
+    """
+    operands, digits = _level(ARITH_LEVELS, difficulty, "arith")
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(num_examples):
+        terms = [str(rng.randint(1, 10**digits - 1)) for _ in range(operands)]
+        ops = [rng.choice("+-*") for _ in range(operands - 1)]
+        expression = terms[0] + "".join(f" {op} {t}" for op, t in zip(ops, terms[1:]))
+        value = eval_arithmetic(parse_arithmetic(expression))
+        examples.append({"question": f"What is {expression}?", "answer": str(int(value)), "expression": expression})
+    return examples
+
+
+def countdown_examples(num_examples: int, difficulty: int, seed: int) -> list[dict]:
+    """Numbers in [1, 99] and a target in [1, 100] reachable by using every number once with + - * /.
+
+    A random expression tree over the numbers is built first (subtraction kept positive, division exact) and its
+    value becomes the target, so a solution always exists. Example fields: question, answer (the target as str),
+    numbers, target, solution (one valid expression).
+    """
+    count = _level(COUNTDOWN_LEVELS, difficulty, "countdown")
+    rng = random.Random(seed)
+    examples = []
+    while len(examples) < num_examples:
+        numbers = [rng.randint(1, COUNTDOWN_MAX_NUMBER) for _ in range(count)]
+        solution, target = _random_solution(numbers, rng)
+        if not 1 <= target <= COUNTDOWN_MAX_TARGET:
+            continue
+        rng.shuffle(numbers)
+        question = (
+            f"Using the numbers {numbers}, create an equation that equals {target}. You can use +, -, *, / and "
+            "parentheses, and each number at most once."
+        )
+        examples.append({"question": question, "answer": str(target), "numbers": numbers, "target": target, "solution": solution})
+    return examples
+
+
+def _random_solution(numbers: list[int], rng: random.Random) -> tuple[str, int]:
+    """Combine random pairs until one value is left; returns (expression, value)."""
+    items = [(str(n), n) for n in numbers]
+    while len(items) > 1:
+        (ea, a), (eb, b) = (items.pop(rng.randrange(len(items))) for _ in range(2))
+        if a < b:
+            (ea, a), (eb, b) = (eb, b), (ea, a)
+        ops = ["+", "*"] + (["-"] if a > b else []) + (["/"] if a % b == 0 else [])
+        op = rng.choice(ops)
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        items.append((f"({ea} {op} {eb})", value))
+    expression, value = items[0]
+    return expression[1:-1] if expression.startswith("(") else expression, value
+
+
+def _level(table: dict, difficulty: int, task: str):
+    if difficulty not in table:
+        raise ValueError(f"{task}: difficulty must be one of {sorted(table)}, got {difficulty}")
+    return table[difficulty]
