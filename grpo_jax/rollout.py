@@ -1,0 +1,185 @@
+"""Jit-compiled sampler: prefill each prompt once, broadcast its KV cache to the G samples, decode in a while_loop.
+
+``generate`` is the host-side entry: it left-pads the ragged prompts into a bucketed ``[P, T_prompt]`` batch (few
+distinct shapes -> few compilations) and calls ``sample``, the pure jitted core. Output rows are group-contiguous:
+rows ``p*G .. p*G+G-1`` are the G samples of prompt p.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from grpo_jax.models import CausalLM, KVCache
+
+TRACES = {"sample": 0}  # how many times the jitted core was traced (= compiled); tests and metrics read it
+
+
+@struct.dataclass
+class Rollout:
+    prompt_BxP: jax.Array  # left-padded prompt tokens, each prompt repeated G times
+    prompt_mask_BxP: jax.Array
+    completion_BxT: jax.Array  # sampled tokens, pad_id after EOS
+    completion_mask_BxT: jax.Array  # real completion tokens, EOS included
+    logprobs_BxT: jax.Array  # log softmax(logits / temperature) of the sampled tokens (0 where masked)
+    lengths_B: jax.Array  # completion lengths (EOS included)
+    finished_B: jax.Array  # True if the row emitted an EOS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Static sampling settings (part of the jit cache key)."""
+
+    max_new_tokens: int
+    num_samples: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ValueError(f"max_new_tokens and num_samples must be >= 1, got {self.max_new_tokens}, {self.num_samples}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or null, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
+
+
+def truncate_logits(logits_BxV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Set to -inf every logit outside the top-k set, then outside the smallest set of top-probability tokens whose
+    mass reaches top_p (the token that crosses p is kept; ties at the k-th value are kept)."""
+    if top_k is not None and top_k < logits_BxV.shape[-1]:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if top_p is not None and top_p < 1.0:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        n_keep_B = jnp.sum(mass_before_BxV < top_p, axis=-1)  # >= 1 always
+        cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def next_token(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """(token_B, logprob_B): a draw from the truncated softmax(logits/T) (argmax when T = 0), and its log-prob under
+    the *untruncated* softmax(logits/T) (T = 1 for greedy) — what ``token_logprobs(..., temperature=T)`` recomputes."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    scaled_BxV = logits_BxV / (cfg.temperature or 1.0)
+    if cfg.temperature == 0:
+        token_B = jnp.argmax(logits_BxV, axis=-1)
+    else:
+        token_B = jax.random.categorical(key, truncate_logits(scaled_BxV, cfg.top_k, cfg.top_p), axis=-1)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+    return token_B.astype(jnp.int32), logp_B
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def sample(graphdef, state, prompt_PxL, prompt_mask_PxL, key, *, cfg: SamplingConfig):
+    """Pure core: prefill ``[P, L]`` once, repeat the cache G times, decode up to ``max_new_tokens`` per row."""
+    TRACES["sample"] += 1
+    model: CausalLM = nnx.merge(graphdef, state)
+    P, L = prompt_PxL.shape
+    G, T = cfg.num_samples, cfg.max_new_tokens
+    cache = KVCache.init(model.config, P, L + T)
+    logits_PxLxV, cache = model(prompt_PxL, attention_mask_BxT=prompt_mask_PxL, cache=cache)
+    cache = cache.repeat(G)
+    logits_BxV = jnp.repeat(logits_PxLxV[:, -1], G, axis=0)
+    B = P * G
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, finished_B, _ = carry
+        return (step < T) & ~jnp.all(finished_B)
+
+    def body(carry):
+        step, cache, logits_BxV, out, finished_B, lens_B = carry
+        token_B, logp_B = next_token(logits_BxV, jax.random.fold_in(key, step), cfg)
+        live_B = ~finished_B
+        token_B = jnp.where(live_B, token_B, cfg.pad_id)
+        tokens_BxT, logps_BxT = out
+        tokens_BxT = tokens_BxT.at[:, step].set(token_B)
+        logps_BxT = logps_BxT.at[:, step].set(jnp.where(live_B, logp_B, 0.0))
+        lens_B = lens_B + live_B
+        finished_B = finished_B | jnp.isin(token_B, eos)
+        logits_Bx1xV, cache = model(token_B[:, None], cache=cache)
+        return step + 1, cache, logits_Bx1xV[:, 0], (tokens_BxT, logps_BxT), finished_B, lens_B
+
+    out = (jnp.full((B, T), cfg.pad_id, jnp.int32), jnp.zeros((B, T), jnp.float32))
+    carry = (jnp.int32(0), cache, logits_BxV, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+    _, _, _, (tokens_BxT, logps_BxT), finished_B, lens_B = jax.lax.while_loop(cond, body, carry)
+    mask_BxT = jnp.arange(T)[None, :] < lens_B[:, None]
+    return Rollout(
+        prompt_BxP=jnp.repeat(prompt_PxL, G, axis=0),
+        prompt_mask_BxP=jnp.repeat(prompt_mask_PxL, G, axis=0),
+        completion_BxT=tokens_BxT,
+        completion_mask_BxT=mask_BxT,
+        logprobs_BxT=logps_BxT,
+        lengths_B=lens_B,
+        finished_B=finished_B,
+    )
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Smallest power of two >= max(n, minimum): the padded size of a prompt length or prompt count."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def pad_prompts(prompt_tokens: Sequence[Sequence[int]], pad_id: int, num_rows: int, length: int):
+    """Left-pad ragged prompts into ``[num_rows, length]`` (extra rows all padding) and their mask."""
+    tokens = np.full((num_rows, length), pad_id, np.int32)
+    mask = np.zeros((num_rows, length), bool)
+    for i, p in enumerate(prompt_tokens):
+        if len(p):
+            tokens[i, length - len(p):] = p
+            mask[i, length - len(p):] = True
+    return tokens, mask
+
+
+def generate(
+    model: CausalLM,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_ids: Sequence[int] = (),
+    pad_id: int,
+    rng: jax.Array | int = 0,
+    min_prompt_bucket: int = 8,
+    batch_multiple: int = 1,
+) -> Rollout:
+    """Sample ``num_samples`` completions for each prompt (token-id lists, ragged, non-empty).
+
+    Prompt lengths and the prompt count are padded to powers of two (at least ``min_prompt_bucket``; the count to a
+    multiple of ``batch_multiple``, e.g. the mesh's batch shards), so a run compiles once per bucket. ``rng`` is a
+    PRNG key or an int seed; the same seed gives the same output. Returns a ``Rollout`` with B = len(prompts) * G.
+    """
+    if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
+        raise ValueError("generate: prompt_tokens must be a non-empty list of non-empty token-id lists")
+    vocab = model.config.vocab_size
+    bad = [t for p in prompt_tokens for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"generate: prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_ids=tuple(int(e) for e in eos_ids), pad_id=pad_id,
+    )
+    n = len(prompt_tokens)
+    rows = -(-bucket(n, 1) // batch_multiple) * batch_multiple
+    tokens, mask = pad_prompts(prompt_tokens, pad_id, rows, bucket(max(map(len, prompt_tokens)), min_prompt_bucket))
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    graphdef, state = nnx.split(model)
+    out = sample(graphdef, state, tokens, mask, key, cfg=cfg)
+    return jax.tree.map(lambda x: x[: n * num_samples], out)
