@@ -58,7 +58,8 @@ def test_math_from_parquet_and_arrow(tmp_path):
 def test_missing_column_is_one_clear_error(tmp_path):
     src = _jsonl(tmp_path / "gsm8k.jsonl", [{"prompt": r["question"], "answer": r["answer"]} for r in GSM8K_ROWS])
     cfg = DataConfig(task="gsm8k", source=src, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match=r"column 'question' \(for field 'question'\) is not in the data; columns present: \['prompt', 'answer'\]"):
+    want = r"column 'question' \(for field 'question'\) is not in the data; columns present: \['prompt', 'answer'\]"
+    with pytest.raises(ValueError, match=want):
         build_splits(cfg)
     # ... and the column mapping fixes it.
     fixed = build_splits(dataclasses.replace(cfg, columns={"question": "prompt"}))
@@ -67,7 +68,9 @@ def test_missing_column_is_one_clear_error(tmp_path):
     from datasets import Dataset
 
     Dataset.from_list(MATH_ROWS).to_json(str(tmp_path / "math.jsonl"))
-    math_cfg = DataConfig(task="math", source=str(tmp_path / "math.jsonl"), columns={"answer": "final"}, cache_dir=str(tmp_path / "c2"))
+    math_cfg = DataConfig(
+        task="math", source=str(tmp_path / "math.jsonl"), columns={"answer": "final"}, cache_dir=str(tmp_path / "c2")
+    )
     with pytest.raises(ValueError, match="column 'final' \\(for field 'answer'\\)"):
         build_splits(math_cfg)
 
@@ -117,8 +120,12 @@ def test_render_prompt_with_and_without_chat_template():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    chat = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=chat)
+    chat = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat)
     got = render_prompt(tok, "2+2?", system_prompt="Be brief.", template="Q: {question}")
     assert got == "<|system|>Be brief.\n<|user|>Q: 2+2?\n<|assistant|>"
     assert render_prompt(tok, "2+2?") == "<|user|>2+2?\n<|assistant|>"

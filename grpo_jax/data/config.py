@@ -55,11 +55,15 @@ class DataConfig:
             raise ValueError(f"DataConfig.task must be one of {list(get_args(Task))}, got {self.task!r}")
         synthetic = self.task in SYNTHETIC_TASKS
         if synthetic and (self.source or self.held_out_source or self.columns):
-            raise ValueError(f"DataConfig: task {self.task!r} is synthetic; source, held_out_source and columns must be unset")
+            raise ValueError(
+                f"DataConfig: task {self.task!r} is synthetic; source, held_out_source and columns must be unset"
+            )
         if not synthetic and not self.source:
             raise ValueError(f"DataConfig.source is required for task {self.task!r} (a hub name or local file path)")
         if not synthetic and (unknown := sorted(set(self.columns) - set(HUB_COLUMNS[self.task]))):
-            raise ValueError(f"DataConfig.columns: unknown field(s) {unknown} for {self.task!r}; fields: {sorted(HUB_COLUMNS[self.task])}")
+            raise ValueError(
+                f"DataConfig.columns: unknown field(s) {unknown} for {self.task!r}; fields: {sorted(HUB_COLUMNS[self.task])}"
+            )
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ValueError(f"DataConfig.held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
         if self.held_out_fraction > 0 and self.held_out_source:

@@ -47,4 +47,5 @@ def select_columns(
                 f"{what}: column {theirs!r} (for field {ours!r}) is not in the data; columns present: {present}. "
                 f"Map it with data.columns, e.g. {{{ours!r}: <column>}}"
             )
-    return [{ours: row[theirs] for ours, theirs in wanted.items()} for row in rows.select_columns(list(dict.fromkeys(wanted.values())))]
+    rows = rows.select_columns(list(dict.fromkeys(wanted.values())))
+    return [{ours: row[theirs] for ours, theirs in wanted.items()} for row in rows]

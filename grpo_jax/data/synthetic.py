@@ -54,7 +54,9 @@ def countdown_examples(num_examples: int, difficulty: int, seed: int) -> list[di
             f"Using the numbers {numbers}, create an equation that equals {target}. You can use +, -, *, / and "
             "parentheses, and each number at most once."
         )
-        examples.append({"question": question, "answer": str(target), "numbers": numbers, "target": target, "solution": solution})
+        examples.append(
+            {"question": question, "answer": str(target), "numbers": numbers, "target": target, "solution": solution}
+        )
     return examples
 
 

@@ -49,9 +49,8 @@ def countdown_task(cfg: DataConfig, source: str | None, split: str) -> list[dict
 def _hub_rows(cfg: DataConfig, source: str, split: str) -> list[dict]:
     rows = load_rows(source, split=split, subset=cfg.subset, cache_dir=cfg.cache_dir)
     columns = {**HUB_COLUMNS[cfg.task], **cfg.columns}
-    return select_columns(
-        rows, columns, optional=OPTIONAL_COLUMNS[cfg.task], required_override=tuple(cfg.columns), what=f"{cfg.task} data {source!r}"
-    )
+    what = f"{cfg.task} data {source!r}"
+    return select_columns(rows, columns, optional=OPTIONAL_COLUMNS[cfg.task], required_override=tuple(cfg.columns), what=what)
 
 
 @register_task("gsm8k")

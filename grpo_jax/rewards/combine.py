@@ -93,8 +93,12 @@ def compute_rewards(
                     outcomes = pool.map(term.reward.fn, args_list, term.kwargs, timeout_s=cfg.timeout_s)
                 else:
                     outcomes = run_inline(term.reward.fn, args_list, term.kwargs)
+            elif term.reward.kind == "group":
+                spans = [slice(i, i + group_size) for i in range(0, B, group_size)]
+                correct_B = values[term.correct_from] > 0
+                outcomes = _run_blocks(term, [(lengths[s], correct_B[s]) for s in spans], group_size)
             else:
-                outcomes = _run_group(term, lengths, values[term.correct_from] > 0, group_size)
+                outcomes = _run_blocks(term, [(list(prompts), list(completions), list(examples))], B)
             values[name], metrics[f"reward/{name}/errors"], metrics[f"reward/{name}/invalid"] = _clean(name, outcomes)
             metrics[f"reward/{name}/mean"] = float(values[name].mean())
             total_B += term.spec.weight * values[name]
@@ -110,15 +114,14 @@ def compute_rewards(
     return total_B, metrics
 
 
-def _run_group(term: _Term, lengths: np.ndarray, correct_B: np.ndarray, group_size: int) -> list[Outcome]:
-    """Call a group reward once per group; a group whose call fails (or returns the wrong shape) errors as a whole."""
+def _run_blocks(term: _Term, args_list: list[tuple], block_size: int) -> list[Outcome]:
+    """Call a group or batch reward once per block (a group, or the whole batch); each call must return
+    ``block_size`` values, and a block whose call fails (or returns another shape) errors as a whole."""
     outcomes = []
-    for start in range(0, len(lengths), group_size):
-        span = slice(start, start + group_size)
-        [result] = run_inline(term.reward.fn, [(lengths[span], correct_B[span])], term.kwargs)
-        if result.error is None and np.shape(result.value) != (group_size,):
-            result = Outcome(error="ValueError", traceback=f"returned shape {np.shape(result.value)}, want ({group_size},)")
-        outcomes += [result] * group_size if result.error else [Outcome(value=v) for v in np.asarray(result.value)]
+    for result in run_inline(term.reward.fn, args_list, term.kwargs):
+        if result.error is None and np.shape(result.value) != (block_size,):
+            result = Outcome(error="ValueError", traceback=f"returned shape {np.shape(result.value)}, want ({block_size},)")
+        outcomes += [result] * block_size if result.error else [Outcome(value=v) for v in np.asarray(result.value)]
     return outcomes
 
 
@@ -130,7 +133,9 @@ def _clean(name: str, outcomes: Sequence[Outcome]) -> tuple[np.ndarray, float, f
             errors += 1
             if (name, outcome.error) not in _logged_errors:
                 _logged_errors.add((name, outcome.error))
-                logger.warning("reward %r: %s (scored 0; logged once per error kind)\n%s", name, outcome.error, outcome.traceback)
+                logger.warning(
+                    "reward %r: %s (scored 0; logged once per error kind)\n%s", name, outcome.error, outcome.traceback
+                )
         elif isinstance(outcome.value, Real) and math.isfinite(outcome.value):
             values[i] = float(outcome.value)
         else:

@@ -10,9 +10,10 @@ from typing import Any
 class RewardSpec:
     """One weighted reward term.
 
-    name: a registered reward (``math_verify``, ``exact_int``, ``countdown``, ``format``, ``length_penalty``, or
-      one added with ``register_reward``) or a ``"package.module:function"`` path.
-    kwargs: keyword arguments for the function, e.g. ``{"mode": "soft"}`` for ``format``. Group rewards
+    name: a registered reward (``math_verify``, ``exact_int``, ``countdown``, ``format``, ``length_penalty``,
+      ``reward_model``, or one added with ``register_reward``) or a ``"package.module:function"`` path.
+    kwargs: keyword arguments for the function, e.g. ``{"mode": "soft"}`` for ``format``, ``{"path": ...}`` for
+      ``reward_model``. Group rewards
       (``length_penalty``) also take ``correct_from``: the name of another reward in the config whose value > 0
       marks a response as correct.
     """
@@ -70,7 +71,9 @@ class RewardsConfig:
         names = [spec.name for spec in self.fns]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"RewardsConfig.fns: each reward may appear once (metrics are keyed by name); repeated: {repeated}")
+            raise ValueError(
+                f"RewardsConfig.fns: each reward may appear once (metrics are keyed by name); repeated: {repeated}"
+            )
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ValueError(f"RewardsConfig.timeout_s must be a finite number of seconds > 0, got {self.timeout_s}")
         if self.num_workers < 1:

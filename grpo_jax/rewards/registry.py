@@ -1,11 +1,13 @@
 """Typed reward registry: names -> reward functions, plus "module:function" imports for custom rewards.
 
-Two kinds of reward exist:
+Three kinds of reward exist:
 
 * ``sample``: ``fn(prompt: str, completion: str, example: Mapping[str, Any], **kwargs) -> float | None``, one call
   per completion. Verifiers are of this kind.
 * ``group``: ``fn(lengths_N: np.ndarray, correct_N: np.ndarray, **kwargs) -> np.ndarray`` (shape ``[N]``), one call
   per group of N completions of the same prompt; it sees the whole group (the dynamic length penalty).
+* ``batch``: ``fn(prompts, completions, examples, **kwargs) -> np.ndarray`` (shape ``[B]``), one call per batch
+  (the reward model, which batches and jits its forward pass).
 
 ``isolated=True`` means the function may hang (sympy, user code) and is run in the timeout worker pool; it must
 then be importable by reference (a module-level function), since workers are fresh processes.
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-RewardKind = Literal["sample", "group"]
+RewardKind = Literal["sample", "group", "batch"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,10 +36,10 @@ _REGISTRY: dict[str, RegisteredReward] = {}
 
 def register_reward(name: str, fn: Callable | None = None, *, kind: RewardKind = "sample", isolated: bool = True):
     """Register ``fn`` under ``name``; usable as ``@register_reward("name")`` or ``register_reward("name", fn)``."""
-    if kind not in ("sample", "group"):
-        raise ValueError(f"register_reward({name!r}): kind must be 'sample' or 'group', got {kind!r}")
-    if kind == "group" and isolated:
-        raise ValueError(f"register_reward({name!r}): group rewards run in-process; pass isolated=False")
+    if kind not in ("sample", "group", "batch"):
+        raise ValueError(f"register_reward({name!r}): kind must be 'sample', 'group' or 'batch', got {kind!r}")
+    if kind != "sample" and isolated:
+        raise ValueError(f"register_reward({name!r}): {kind} rewards run in-process; pass isolated=False")
 
     def add(f: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name].fn is not f:
@@ -80,7 +82,11 @@ def get_reward(ref: str | Callable) -> RegisteredReward:
 
 def check_kwargs(reward: RegisteredReward, kwargs: dict) -> None:
     """Fail fast, before any rollout, if ``kwargs`` do not fit the reward function's signature."""
-    positional = ("prompt", "completion", "example") if reward.kind == "sample" else ("lengths_N", "correct_N")
+    positional = {
+        "sample": ("prompt", "completion", "example"),
+        "group": ("lengths_N", "correct_N"),
+        "batch": ("prompts", "completions", "examples"),
+    }[reward.kind]
     try:
         inspect.signature(reward.fn).bind(*positional, **kwargs)
     except TypeError as e:
@@ -91,4 +97,5 @@ def _load_builtins() -> None:
     # The built-in rewards register themselves on import; importing here keeps the registry complete however
     # the user reached it.
     import grpo_jax.rewards.length  # noqa: F401
+    import grpo_jax.rewards.reward_model  # noqa: F401
     import grpo_jax.rewards.verifiers  # noqa: F401
