@@ -155,3 +155,12 @@ def test_order_is_a_permutation_per_epoch_and_resumes_exactly():
     assert resumed == list(flat[8:])
     with pytest.raises(ValueError, match="position=12 is past the 10 examples"):
         batch_indices(OrderState(position=12), num_examples=n, batch_size=bs, seed=seed)
+
+
+def test_data_config_loads_from_a_yaml_like_dict():
+    from grpo_jax.config import ConfigError, from_dict
+
+    cfg = from_dict(DataConfig, {"task": "gsm8k", "source": "openai/gsm8k", "subset": "main", "columns": {"question": "q"}})
+    assert cfg.columns == {"question": "q"} and cfg.split == "train"
+    with pytest.raises(ConfigError, match="colums: unknown key"):
+        from_dict(DataConfig, {"task": "gsm8k", "source": "x.jsonl", "colums": {}})

@@ -206,3 +206,15 @@ def test_invalid_values_score_zero_counted_and_advantages_stay_finite(caplog):
             assert m["reward/test_raises_once_kind/errors"] == 1
     logged = [r for r in caplog.records if "test_raises_once_kind" in r.getMessage()]
     assert len(logged) == 1 and "KeyError: 'missing field'" in logged[0].getMessage()
+
+
+def test_rewards_config_loads_from_a_yaml_like_dict():
+    from grpo_jax.config import ConfigError, from_dict
+
+    raw = {"fns": [{"name": "exact_int"}, {"name": "format", "weight": 0.1, "kwargs": {"mode": "soft"}}],
+           "overlong": {"max_len": 512, "buffer": 64}}
+    cfg = from_dict(RewardsConfig, raw)
+    assert cfg.fns[1] == RewardSpec(name="format", weight=0.1, kwargs={"mode": "soft"})
+    assert cfg.overlong == OverlongConfig(max_len=512, buffer=64) and cfg.timeout_s == 5.0
+    with pytest.raises(ConfigError, match="timeout_s must be a finite number of seconds > 0"):
+        from_dict(RewardsConfig, {**raw, "timeout_s": 0})

@@ -11,7 +11,7 @@ import operator
 import re
 from collections import Counter
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -134,10 +134,7 @@ def exact_int(prompt: str, completion: str, example: Mapping[str, Any]) -> float
     gold = Decimal(str(example["answer"]).replace(",", "").strip())
     if gold != gold.to_integral_value():
         raise ValueError(f"exact_int: gold answer {example['answer']!r} is not an integer")
-    try:
-        pred = last_number(_final_answer_text(completion))
-    except InvalidOperation:
-        return 0.0
+    pred = last_number(_final_answer_text(completion))
     return float(pred is not None and pred == gold)
 
 
