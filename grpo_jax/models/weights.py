@@ -101,13 +101,15 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 def load_hf(
-    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None, mesh: Mesh | None = None, **overrides
+    path: str | os.PathLike, *, dtype="float32", param_dtype=None, mesh: Mesh | None = None, **overrides
 ) -> CausalLM | SequenceClassifier:
     """Model from a HF folder (or hub id when online). ``mesh``: params placed with their logical shardings,
     else on the default device. ``param_dtype`` defaults to ``dtype``; ``overrides`` set other ModelConfig fields."""
     folder = _resolve_folder(path)
+    dtype = np.dtype(dtype).name  # accept "bfloat16", jnp.bfloat16, np.float32, ...
+    param_dtype = np.dtype(param_dtype or dtype).name
     cfg = ModelConfig.from_hf_config(
-        json.loads((folder / "config.json").read_text()), dtype=dtype, param_dtype=param_dtype or dtype, **overrides
+        json.loads((folder / "config.json").read_text()), dtype=dtype, param_dtype=param_dtype, **overrides
     )
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
     params = _flat_params(state)
