@@ -20,8 +20,8 @@ class CausalLM(nnx.Module):
             raise ValueError(f"num_labels={cfg.num_labels} describes a SequenceClassifier, not a CausalLM")
         self.config = cfg
         self.model = Decoder(cfg, rngs=rngs)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = init_param(rngs, cfg, ("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size), "normal")
+        shape = (cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = None if cfg.tie_word_embeddings else init_param(rngs, cfg, ("embed", "vocab"), shape, "normal")
 
     def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None):
         """logits_BxTxV in the compute dtype; ``(logits_BxTxV, new_cache)`` when a cache is given.

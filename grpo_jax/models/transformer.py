@@ -48,23 +48,19 @@ class LayerStack(nnx.Module):
         self.k = p(("embed", "kv_heads", "head_dim"), (E, K, H))
         self.v = p(("embed", "kv_heads", "head_dim"), (E, K, H))
         self.o = p(("heads", "head_dim", "embed"), (N, H, E))
-        if cfg.qkv_bias:
-            self.q_bias = p(("heads", "head_dim"), (N, H), "zeros")
-            self.k_bias = p(("kv_heads", "head_dim"), (K, H), "zeros")
-            self.v_bias = p(("kv_heads", "head_dim"), (K, H), "zeros")
-        if cfg.o_bias:
-            self.o_bias = p(("embed",), (E,), "zeros")
-        if cfg.qk_norm:
-            self.q_norm = p(("norm",), (H,), "ones")
-            self.k_norm = p(("norm",), (H,), "ones")
+        self.q_bias = p(("heads", "head_dim"), (N, H), "zeros") if cfg.qkv_bias else None
+        self.k_bias = p(("kv_heads", "head_dim"), (K, H), "zeros") if cfg.qkv_bias else None
+        self.v_bias = p(("kv_heads", "head_dim"), (K, H), "zeros") if cfg.qkv_bias else None
+        self.o_bias = p(("embed",), (E,), "zeros") if cfg.o_bias else None
+        self.q_norm = p(("norm",), (H,), "ones") if cfg.qk_norm else None
+        self.k_norm = p(("norm",), (H,), "ones") if cfg.qk_norm else None
         self.mlp_norm = p(("norm",), (E,), "ones")
         self.gate = p(("embed", "mlp"), (E, F))
         self.up = p(("embed", "mlp"), (E, F))
         self.down = p(("mlp", "embed"), (F, E))
-        if cfg.mlp_bias:
-            self.gate_bias = p(("mlp",), (F,), "zeros")
-            self.up_bias = p(("mlp",), (F,), "zeros")
-            self.down_bias = p(("embed",), (E,), "zeros")
+        self.gate_bias = p(("mlp",), (F,), "zeros") if cfg.mlp_bias else None
+        self.up_bias = p(("mlp",), (F,), "zeros") if cfg.mlp_bias else None
+        self.down_bias = p(("embed",), (E,), "zeros") if cfg.mlp_bias else None
 
 
 def _dense(x: jax.Array, w: nnx.Param, equation: str, bias: nnx.Param | None) -> jax.Array:
@@ -94,19 +90,18 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_mask_BxS, offset) -> jax.Array:
 
 def _layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, kv_write, key_mask_BxS, offset):
     """One decoder layer. ``kv_write(k, v) -> (keys, values)`` stores the new k/v (cache) or passes them through."""
-    opt = lambda name: getattr(p, name, None)  # noqa: E731  (absent params: bias/norm flags off)
     h = rms_norm(x_BxTxE, p.attn_norm, cfg.rms_norm_eps)
-    q = _dense(h, p.q, "bte,enh->btnh", opt("q_bias"))
-    k = _dense(h, p.k, "bte,enh->btnh", opt("k_bias"))
-    v = _dense(h, p.v, "bte,enh->btnh", opt("v_bias"))
+    q = _dense(h, p.q, "bte,enh->btnh", p.q_bias)
+    k = _dense(h, p.k, "bte,enh->btnh", p.k_bias)
+    v = _dense(h, p.v, "bte,enh->btnh", p.v_bias)
     if cfg.qk_norm:
         q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
     keys, values = kv_write(apply_rope(k, cos, sin), v)
     attn = attend(apply_rope(q, cos, sin), keys, values, key_mask_BxS, offset)
-    x_BxTxE = x_BxTxE + _dense(attn, p.o, "btnh,nhe->bte", opt("o_bias"))
+    x_BxTxE = x_BxTxE + _dense(attn, p.o, "btnh,nhe->bte", p.o_bias)
     h = rms_norm(x_BxTxE, p.mlp_norm, cfg.rms_norm_eps)
-    gated = jax.nn.silu(_dense(h, p.gate, "bte,ef->btf", opt("gate_bias"))) * _dense(h, p.up, "bte,ef->btf", opt("up_bias"))
-    return x_BxTxE + _dense(gated, p.down, "btf,fe->bte", opt("down_bias"))
+    gated = jax.nn.silu(_dense(h, p.gate, "bte,ef->btf", p.gate_bias)) * _dense(h, p.up, "bte,ef->btf", p.up_bias)
+    return x_BxTxE + _dense(gated, p.down, "btf,fe->bte", p.down_bias)
 
 
 class Decoder(nnx.Module):
