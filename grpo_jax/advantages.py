@@ -145,3 +145,20 @@ def compute_advantages(rewards_B: jax.Array, group_size: int, cfg: AdvantageConf
     if cfg.estimator == "rloo":
         return rloo_advantages(rewards_B, group_size)
     return group_advantages(rewards_B, group_size, scale=cfg.scale, eps=cfg.eps)
+
+
+def kl_reward_advantages(
+    adv_B: jax.Array, logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, beta: float
+) -> jax.Array:
+    """KL as a per-token reward instead of a loss term (the RLHF/PPO form, Ouyang et al. 2022), for critic-free
+    estimators: the sequence advantage plus the undiscounted return-to-go of the per-token reward -β·k1,
+
+        A_it = A_i - β Σ_{t' >= t} m_it' (logp_it' - ref_it')
+
+    with logp the rollout (behaviour) log-probs. No gradient flows through it. Returns float32 adv_BxT (0 where masked).
+    """
+    mask = jnp.asarray(mask_BxT).astype(bool)
+    k1_BxT = jnp.where(mask, jnp.asarray(logp_BxT, jnp.float32) - jnp.asarray(ref_logp_BxT, jnp.float32), 0.0)
+    to_go_BxT = jnp.flip(jnp.cumsum(jnp.flip(k1_BxT, axis=1), axis=1), axis=1)
+    adv_BxT = jnp.asarray(adv_B, jnp.float32)[:, None] - beta * to_go_BxT
+    return jax.lax.stop_gradient(jnp.where(mask, adv_BxT, 0.0))

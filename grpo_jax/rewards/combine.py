@@ -63,7 +63,24 @@ def compute_rewards(
     lengths_B: np.ndarray | None = None,
     pool: RewardPool | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """``(rewards_B float32, metrics)`` for B completions laid out as consecutive groups of ``group_size``.
+    """``(rewards_B float32, metrics)``; see :func:`reward_table`."""
+    total_B, _, metrics = reward_table(
+        cfg, prompts, completions, examples, group_size=group_size, lengths_B=lengths_B, pool=pool
+    )
+    return total_B, metrics
+
+
+def reward_table(
+    cfg: RewardsConfig,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    group_size: int,
+    lengths_B: np.ndarray | None = None,
+    pool: RewardPool | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
+    """``(rewards_B float32, {name: values_B}, metrics)`` for B completions laid out as consecutive groups of ``group_size``.
 
     lengths_B: completion lengths in tokens; required for overlong shaping, and used by group rewards
       (otherwise they see character lengths).
@@ -111,7 +128,7 @@ def compute_rewards(
     metrics["reward/total/mean"] = float(total_B.mean())
     metrics["reward/total/std"] = float(total_B.std())
     metrics["reward/zero_variance_fraction"] = float(zero_variance_fraction(total_B, group_size))
-    return total_B, metrics
+    return total_B, values, metrics
 
 
 def _run_blocks(term: _Term, args_list: list[tuple], block_size: int) -> list[Outcome]:

@@ -1,0 +1,163 @@
+"""The pure, jitted policy update: (state, batch) -> (state, metrics).
+
+One call runs ``num_iterations`` (μ) optimizer updates on the same rollout batch. Each update splits the batch
+into ``micro_batches`` strided micro-batches and accumulates exact gradients: the loss denominator is computed once
+from the full batch's masks, each micro-batch contributes grad(numerator_k) / denominator, so the sum equals the
+full-batch gradient (never an average of per-micro-batch means).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from grpo_jax.losses import LossConfig, aggregate_parts, finalize_objective_stats, grpo_objective_parts, merge_stats
+from grpo_jax.models import token_logprobs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-6
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}; choose one of ['constant', 'cosine']")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay) with linear warmup, then constant or cosine decay to 0 at ``total_updates``,
+    after global-norm gradient clipping."""
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(total_updates, cfg.warmup_steps + 1))
+    elif cfg.warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
+                                  [cfg.warmup_steps])
+    else:
+        lr = optax.constant_schedule(cfg.lr)
+    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
+    return optax.chain(*clip, adamw)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    loss: LossConfig
+    num_iterations: int = 1  # μ: updates per rollout batch
+    micro_batches: int = 1
+    temperature: float = 1.0  # the rollout's sampling temperature (log-probs of softmax(logits / T))
+    logprob_chunk: int = 128
+    log_entropy: bool = True
+
+    def __post_init__(self):
+        if self.num_iterations < 1 or self.micro_batches < 1:
+            raise ValueError(f"num_iterations and micro_batches must be >= 1, got {self.num_iterations}, {self.micro_batches}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for training log-probs, got {self.temperature}")
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+class Batch(struct.PyTreeNode):
+    """One rollout batch, every array [B, S] over the prompt+completion sequence (S = P + T)."""
+
+    tokens_BxS: jax.Array
+    attn_mask_BxS: jax.Array  # real tokens (prompt and completion)
+    loss_mask_BxS: jax.Array  # completion tokens that carry loss (EOS included)
+    old_logp_BxS: jax.Array  # rollout log-probs (used when μ > 1)
+    ref_logp_BxS: jax.Array | None  # None when β = 0
+    adv: jax.Array  # adv_B or token-level adv_BxS
+
+
+def _micro(x: jax.Array | None, m: int) -> jax.Array | None:
+    """[B, ...] -> [m, B/m, ...], micro-batch k = rows k, k+m, k+2m, ... (each spread over the batch shards)."""
+    if x is None:
+        return None
+    return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig):
+    """The jitted ``train_step(state, batch) -> (state, metrics)`` for a model of this graphdef."""
+    loss_cfg = cfg.loss
+
+    def logps(params, mb: Batch, with_entropy: bool):
+        model = nnx.merge(graphdef, params)
+        out = token_logprobs(model, mb.tokens_BxS, mb.attn_mask_BxS, temperature=cfg.temperature,
+                             return_entropy=with_entropy, chunk_size=cfg.logprob_chunk)
+        return out if with_entropy else (out, None)
+
+    def micro_loss(params, mb: Batch, den, on_policy: bool):
+        logp, entropy = logps(params, mb, cfg.log_entropy)
+        old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp_BxS
+        num, _, stats = grpo_objective_parts(logp, old, mb.ref_logp_BxS, mb.adv, mb.loss_mask_BxS, loss_cfg)
+        if entropy is not None:
+            stats["entropy_sum"] = jnp.sum(jnp.where(mb.loss_mask_BxS, jax.lax.stop_gradient(entropy), 0.0))
+        return num / den, stats
+
+    def update(state: TrainState, batch: Batch, den, on_policy: bool):
+        if cfg.micro_batches == 1:
+            (loss, stats), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, batch, den, on_policy)
+        else:
+            mbs = jax.tree.map(lambda x: _micro(x, cfg.micro_batches), batch)
+
+            def body(acc, mb):
+                (loss_k, stats_k), g_k = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb, den, on_policy)
+                if acc is None:
+                    return (loss_k, stats_k, g_k)
+                return (acc[0] + loss_k, merge_stats(acc[1], stats_k), jax.tree.map(jnp.add, acc[2], g_k))
+
+            first = body(None, jax.tree.map(lambda x: x[0], mbs))
+            rest = jax.tree.map(lambda x: x[1:], mbs)
+            (loss, stats, grads), _ = jax.lax.scan(lambda acc, mb: (body(acc, mb), None), first, rest)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+        # a non-finite loss or gradient refuses the update: the state stays exactly as it was
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = finalize_objective_stats(stats)
+        metrics |= {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+        return new, metrics  # entropy_sum -> entropy (token mean) in finalize_objective_stats
+
+    @jax.jit
+    def train_step(state: TrainState, batch: Batch):
+        B = batch.tokens_BxS.shape[0]
+        if B % cfg.micro_batches:
+            raise ValueError(f"batch of {B} rows is not divisible into micro_batches={cfg.micro_batches}")
+        den = aggregate_parts(jnp.zeros(batch.loss_mask_BxS.shape), batch.loss_mask_BxS, loss_cfg.agg,
+                              norm_len=loss_cfg.norm_len)[1]
+        den = jnp.where(den > 0, den, 1.0)
+        if cfg.num_iterations == 1:  # on-policy: old = sg(current) makes the first ratio exactly 1
+            return update(state, batch, den, on_policy=True)
+
+        def iteration(st, _):
+            return update(st, batch, den, on_policy=False)
+
+        state, metrics = jax.lax.scan(iteration, state, None, length=cfg.num_iterations)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return train_step
+
+
+def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
