@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from tiny_hf import LLAMA3_ROPE, hf_causal_lm, hf_classifier, left_padded, torch_forward
 
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import ModelConfig, build_model, load_hf, save_hf
+from grpo_jax.models.rope import inv_frequencies
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
@@ -140,3 +142,37 @@ def test_shard_model_places_a_random_model(qwen2_folder):
     model = shard_model(load_hf(qwen2_folder), mesh)
     gate = model.model.layers.gate[...]  # (layers, embed, mlp) -> (None, fsdp, tensor)
     assert gate.addressable_shards[0].data.shape == (2, 8, 32)
+
+
+QWEN25_05B = {  # Qwen/Qwen2.5-0.5B-Instruct config.json (old layout: top-level rope_theta, no rope_scaling)
+    "architectures": ["Qwen2ForCausalLM"], "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
+    "hidden_size": 896, "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+    "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936,
+}
+LLAMA32_1B = {  # meta-llama/Llama-3.2-1B config.json (old layout: rope_scaling with rope_type llama3)
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 16, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": True, "vocab_size": 128256,
+}
+
+
+@pytest.mark.parametrize("hub_config", [QWEN25_05B, LLAMA32_1B], ids=["qwen2.5-0.5b", "llama-3.2-1b"])
+def test_real_hub_configs_read_and_rope_frequencies_match_transformers(hub_config):
+    cfg = ModelConfig.from_hf_config(hub_config)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ((14, 2, 64) if cfg.model_type == "qwen2" else (32, 8, 64))
+    assert cfg.qkv_bias == (cfg.model_type == "qwen2") and not cfg.o_bias and cfg.tie_word_embeddings
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg  # our transformers-5 layout reads back the same
+    hf = transformers.AutoConfig.for_model(**hub_config)
+    rope = hf.rope_parameters
+    if rope["rope_type"] == "default":
+        expected = 1.0 / (rope["rope_theta"] ** (np.arange(0, 64, 2, dtype=np.float32) / 64))
+    else:
+        expected = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf)[0].numpy()
+    np.testing.assert_allclose(inv_frequencies(cfg), expected, rtol=1e-6)
+    assert transformers.AutoConfig.for_model(**cfg.to_hf_config()).rope_parameters == rope | {"rope_theta": cfg.rope_theta}
