@@ -19,8 +19,15 @@ def model(request, tmp_path_factory):
     return load_hf(folder)
 
 
-def reference(model, tokens, mask, temperature):
-    logits = np.asarray(model(tokens, attention_mask_BxT=mask), np.float64) / temperature
+@pytest.fixture(scope="module")
+def full_logits(model):
+    """float64 full logits of the parity batch, computed once per model."""
+    tokens, mask = left_padded([T, 11, 2], T, seed=1)
+    return tokens, mask, np.asarray(model(tokens, attention_mask_BxT=mask), np.float64)
+
+
+def reference(logits, tokens, mask, temperature):
+    logits = logits / temperature
     logp_all = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     logps = np.zeros(tokens.shape)
     logps[:, 1:] = np.take_along_axis(logp_all[:, :-1], tokens[:, 1:, None], -1)[..., 0]
@@ -35,17 +42,17 @@ jit_token_logprobs = nnx.jit(token_logprobs, static_argnames=("return_entropy", 
 
 
 @pytest.mark.parametrize("chunk_size", [1, 6, 64])
-def test_matches_full_log_softmax_gather(model, chunk_size):
-    tokens, mask = left_padded([T, 11, 2], T, seed=1)
+def test_matches_full_log_softmax_gather(model, full_logits, chunk_size):
+    tokens, mask, logits = full_logits
     logps, entropy = jit_token_logprobs(model, tokens, mask, temperature=0.7, return_entropy=True, chunk_size=chunk_size)
     assert logps.shape == entropy.shape == (B, T) and logps.dtype == entropy.dtype == jnp.float32
-    ref_logps, ref_entropy = reference(model, tokens, mask, 0.7)
+    ref_logps, ref_entropy = reference(logits, tokens, mask, 0.7)
     np.testing.assert_allclose(np.asarray(logps), ref_logps, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(entropy), ref_entropy, atol=1e-5, rtol=0)
     assert (np.asarray(logps)[2, : T - 1] == 0).all()  # row 2 has only 2 real tokens: just the last is scored
     if chunk_size == 6:  # default temperature, no entropy
         plain = jit_token_logprobs(model, tokens, mask, chunk_size=chunk_size)
-        np.testing.assert_allclose(np.asarray(plain), reference(model, tokens, mask, 1.0)[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(plain), reference(logits, tokens, mask, 1.0)[0], atol=1e-5, rtol=0)
 
 
 def _big_f32_avals(jaxpr, min_size):
