@@ -1,5 +1,6 @@
-"""Data: task builders (arith, countdown, gsm8k, math), loading through ``datasets``, prompt templating, and a
-deterministic, exactly resumable example order."""
+"""Data: task builders (arith, countdown, gsm8k, math), loading through ``datasets``, prompt templating, a local
+character tokenizer and a deterministic, exactly resumable example order."""
+from grpo_jax.data.char_tokenizer import build_char_tokenizer
 from grpo_jax.data.config import DataConfig
 from grpo_jax.data.iterator import OrderState, batch_at, batch_indices, epoch_permutation
 from grpo_jax.data.loading import load_rows, select_columns
@@ -14,6 +15,7 @@ __all__ = [
     "arith_examples",
     "batch_at",
     "batch_indices",
+    "build_char_tokenizer",
     "build_splits",
     "countdown_examples",
     "epoch_permutation",
