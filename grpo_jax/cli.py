@@ -1,11 +1,93 @@
-"""Command line: ``grpo-jax <command> ...``."""
+"""Command line: ``grpo-jax train|eval|presets ...``."""
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import logging
+import os
 import sys
+from pathlib import Path
 
 from grpo_jax import config, presets
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache: a second run of the same experiment skips XLA compilation."""
+    import jax
+
+    cache = os.environ.get("GRPO_JAX_CACHE", str(Path.home() / ".cache" / "grpo_jax" / "xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _maybe_distributed() -> None:
+    """Multi-host: join the JAX cluster when the environment describes one (TPU pod slices, or explicit vars)."""
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        jax.distributed.initialize()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from grpo_jax.experiment import load_experiment
+    from grpo_jax.loop import NonFiniteLoss, Preempted, train
+
+    cfg = load_experiment(args.experiment, args.overrides)  # config errors surface before any compute
+    _maybe_distributed()
+    _enable_compilation_cache()
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.experiment).resolve().name)
+    try:
+        summary = train(cfg, run_dir, show_progress=not args.no_progress)
+    except Preempted as e:
+        print(f"grpo-jax: {e}", file=sys.stderr)
+        return 143
+    except NonFiniteLoss as e:
+        print(f"grpo-jax: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({"run_dir": str(run_dir), **summary}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import jax
+
+    from grpo_jax.data import build_splits
+    from grpo_jax.evaluation import evaluate
+    from grpo_jax.experiment import load_experiment
+    from grpo_jax.mesh import batch_size_multiple
+    from grpo_jax.models import load_hf
+    from grpo_jax.rewards import RewardPool
+    from grpo_jax.run_setup import load_tokenizer
+
+    cfg = load_experiment(args.experiment, args.overrides)
+    _enable_compilation_cache()
+    folder = Path(args.model)
+    folder = folder / "final" if (folder / "final" / "config.json").exists() else folder
+    mesh = cfg.mesh.build()
+    tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer == "char" else _folder_tokenizer(folder, cfg)
+    model = load_hf(folder, dtype=cfg.model.dtype, mesh=mesh)
+    held_out = build_splits(cfg.data, tokenizer).held_out[: cfg.eval.num_examples]
+    if not held_out:
+        raise config.ConfigError("data: the experiment has no held-out split (set data.held_out_fraction or held_out_source)")
+    with RewardPool(cfg.rewards.num_workers) as pool:
+        result = evaluate(model, tokenizer, held_out, rewards=cfg.rewards, correct_reward=cfg.correct_reward,
+                          max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.eval.batch_prompts,
+                          pass_k=cfg.eval.pass_k, temperature=cfg.rollout.temperature, key=jax.random.key(cfg.seed),
+                          pool=pool, batch_multiple=batch_size_multiple(mesh),
+                          min_prompt_bucket=cfg.rollout.min_prompt_bucket)
+    print(json.dumps({"model": str(folder), "examples": len(held_out), **result}))
+    return 0
+
+
+def _folder_tokenizer(folder: Path, cfg):
+    from transformers import AutoTokenizer
+
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    from grpo_jax.run_setup import load_tokenizer
+
+    return load_tokenizer(cfg.model)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -19,6 +101,17 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo-jax", description="GRPO and its descendants in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run (or resume) an experiment folder")
+    p.add_argument("experiment", help="experiments/<name> (holding config.yaml) or a YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.loss.beta=0.0 train.steps=20")
+    p.add_argument("--run-dir", help="where config, metrics, checkpoints and the final model go (default runs/<name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="held-out greedy accuracy (and pass@k) of a run dir or HF folder")
+    p.add_argument("model", help="a run dir (its final/ model) or an HF model folder")
+    p.add_argument("experiment", help="experiments/<name>: the task, rewards and eval settings")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("presets", help="print the algorithm presets (formula, source, resolved config)")
     p.add_argument("names", nargs="*", help=f"any of {sorted(presets.PRESETS)} (default: all)")
     p.set_defaults(func=_cmd_presets)
@@ -26,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may follow options: `train X --run-dir D a.b=1`
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
     try:
         return args.func(args)
     except config.ConfigError as e:

@@ -130,8 +130,11 @@ def sample(graphdef, state, prompt_PxL, prompt_mask_PxL, key, *, cfg: SamplingCo
 
 
 def bucket(n: int, minimum: int = 8) -> int:
-    """Smallest power of two >= max(n, minimum): the padded size of a prompt length or prompt count."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+    """Padded size of a prompt length or prompt count: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...
+    (powers of two and 1.5x powers of two; at most 1/3 padding) that is >= max(n, minimum)."""
+    n = max(n, minimum, 1)
+    power = 1 << (n - 1).bit_length()  # smallest power of two >= n
+    return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
 
 
 def pad_prompts(prompt_tokens: Sequence[Sequence[int]], pad_id: int, num_rows: int, length: int):
@@ -162,7 +165,7 @@ def generate(
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt (token-id lists, ragged, non-empty).
 
-    Prompt lengths and the prompt count are padded to powers of two (at least ``min_prompt_bucket``; the count to a
+    Prompt lengths and the prompt count are padded to buckets (``bucket``: powers of two and 1.5x powers; at least ``min_prompt_bucket``; the count to a
     multiple of ``batch_multiple``, e.g. the mesh's batch shards), so a run compiles once per bucket. ``rng`` is a
     PRNG key or an int seed; the same seed gives the same output. Returns a ``Rollout`` with B = len(prompts) * G.
     """

@@ -8,6 +8,7 @@ full-batch gradient (never an average of per-micro-batch means).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -96,8 +97,14 @@ def _micro(x: jax.Array | None, m: int) -> jax.Array | None:
     return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig):
-    """The jitted ``train_step(state, batch) -> (state, metrics)`` for a model of this graphdef."""
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig, *,
+                    state_sharding=None):
+    """The jitted ``train_step(state, batch) -> (state, metrics)`` for a model of this graphdef.
+
+    ``state_sharding`` (the shardings of the state from ``init_train_state``) pins the output state's placement to
+    the input's, so step n+1 sees exactly the shardings step n was compiled for (no recompilation); the input state
+    is donated.
+    """
     loss_cfg = cfg.loss
 
     def logps(params, mb: Batch, with_entropy: bool):
@@ -139,7 +146,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics |= {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
         return new, metrics  # entropy_sum -> entropy (token mean) in finalize_objective_stats
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
     def train_step(state: TrainState, batch: Batch):
         B = batch.tokens_BxS.shape[0]
         if B % cfg.micro_batches:
@@ -160,4 +167,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    """Step 0 state, built under jit so every leaf (optimizer moments included) gets a sharding derived from the
+    params' (pass ``state_sharding(state)`` to ``make_train_step``)."""
+    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)))(params)
+
+
+def state_sharding(state: TrainState):
+    return jax.tree.map(lambda x: x.sharding, state)

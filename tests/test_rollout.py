@@ -132,7 +132,7 @@ def test_compilations_bounded_by_buckets():
         prompts = [list(rng.integers(3, 60, int(rng.integers(1, 40)))) for _ in range(n)]
         generate(model, prompts, max_new_tokens=3, num_samples=2, pad_id=0, rng=i)
         shapes.add((rollout.bucket(n, 1), rollout.bucket(max(map(len, prompts)))))
-    assert rollout.TRACES["sample"] - before == len(shapes) <= 3 * 4  # count buckets x length buckets
+    assert rollout.TRACES["sample"] - before == len(shapes) <= 4 * 6  # count buckets (1-4) x length buckets (8-48)
 
 
 def test_bad_arguments_raise():

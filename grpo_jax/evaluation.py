@@ -1,0 +1,74 @@
+"""Held-out evaluation: greedy accuracy and pass@k with the experiment's correctness reward."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from grpo_jax.models import CausalLM
+from grpo_jax.rewards import RewardPool, RewardsConfig, reward_table
+from grpo_jax.rollout import Rollout, generate
+
+
+def encode_prompts(tokenizer, examples: Sequence[dict]) -> list[list[int]]:
+    return [tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"] for ex in examples]
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    tokens, lengths = np.asarray(rollout.completion_BxT), np.asarray(rollout.lengths_B)
+    return tokenizer.batch_decode([row[:n] for row, n in zip(tokens, lengths)], skip_special_tokens=True)
+
+
+def correctness(rewards: RewardsConfig, name: str, prompts, completions, examples, group_size: int, pool) -> np.ndarray:
+    """Per-sample bool: the reward ``name`` (alone, weight 1, no shaping) is > 0."""
+    spec = next(s for s in rewards.fns if s.name == name)
+    only = dataclasses.replace(rewards, fns=(dataclasses.replace(spec, weight=1.0),), overlong=None)
+    _, values, _ = reward_table(only, prompts, completions, examples, group_size=group_size, pool=pool)
+    return values[name] > 0
+
+
+def evaluate(
+    model: CausalLM,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    rewards: RewardsConfig,
+    correct_reward: str,
+    max_new_tokens: int,
+    batch_prompts: int,
+    pass_k: int = 0,
+    temperature: float = 1.0,
+    key: jax.Array,
+    pool: RewardPool | None = None,
+    batch_multiple: int = 1,
+    min_prompt_bucket: int = 16,
+) -> dict[str, float]:
+    """``eval/accuracy`` (greedy), ``eval/length`` and, with pass_k > 0, ``eval/pass@k`` (any of k samples correct)
+    and ``eval/mean@k`` (mean sample accuracy) over ``examples``, in fixed-size batches (few compilations)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                  batch_multiple=batch_multiple, min_prompt_bucket=min_prompt_bucket)
+    correct, lengths, any_k, mean_k = [], [], [], []
+    for start in range(0, len(examples), batch_prompts):
+        chunk = list(examples[start:start + batch_prompts])
+        ids = encode_prompts(tokenizer, chunk)
+        prompts = [ex["prompt"] for ex in chunk]
+        greedy = generate(model, ids, temperature=0.0, rng=key, **common)
+        ok = correctness(rewards, correct_reward, prompts, decode_completions(tokenizer, greedy), chunk, 1, pool)
+        correct.append(ok)
+        lengths.append(np.asarray(greedy.lengths_B))
+        if pass_k:
+            sampled = generate(model, ids, num_samples=pass_k, temperature=temperature,
+                               rng=jax.random.fold_in(key, start), **common)
+            rep = lambda xs: [x for x in xs for _ in range(pass_k)]  # noqa: E731
+            ok_k = correctness(rewards, correct_reward, rep(prompts), decode_completions(tokenizer, sampled),
+                               rep(chunk), pass_k, pool).reshape(-1, pass_k)
+            any_k.append(ok_k.any(axis=1))
+            mean_k.append(ok_k.mean(axis=1))
+    out = {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/length": float(np.concatenate(lengths).mean())}
+    if pass_k:
+        out[f"eval/pass@{pass_k}"] = float(np.concatenate(any_k).mean())
+        out[f"eval/mean@{pass_k}"] = float(np.concatenate(mean_k).mean())
+    return out

@@ -1,0 +1,168 @@
+"""The whole run's config tree, as written in ``experiments/<name>/config.yaml``.
+
+    cfg = load_experiment("experiments/arith_tiny", overrides=["algo.loss.beta=0.0", "train.steps=20"])
+
+Every section is a frozen dataclass; the strict layer in ``grpo_jax.config`` rejects unknown keys and bad values
+with one error naming the dotted key. Checks that need the devices (batch vs mesh) run in ``loop.validate``,
+still before any compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from grpo_jax.config import ConfigError, from_yaml
+from grpo_jax.data import DataConfig
+from grpo_jax.mesh import make_mesh
+from grpo_jax.models import ModelConfig
+from grpo_jax.presets import AlgoConfig
+from grpo_jax.rewards import RewardsConfig
+from grpo_jax.sft import SFTConfig
+from grpo_jax.train_step import OptimConfig
+
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """The policy: ``path`` (HF folder or hub id) or ``init`` (a random model of this architecture)."""
+
+    path: str | None = None
+    init: ModelConfig | None = None
+    tokenizer: str | None = None  # HF folder/hub id; "char" = the built-in character tokenizer; default: path
+    ref_path: str | None = None  # frozen reference; default: a copy of the initial (warm-started) policy
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if (self.path is None) == (self.init is None):
+            raise ValueError("set exactly one of model.path (pretrained) and model.init (random init)")
+        if self.tokenizer is None and self.path is None:
+            raise ValueError("model.tokenizer is required with model.init (e.g. 'char' or a tokenizer folder)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmStartSection:
+    """Supervised warm start on the training split before GRPO: target text = ``target.format(**example)``."""
+
+    sft: SFTConfig
+    target: str = "{answer}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutSection:
+    group_size: int = 8  # G samples per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_prompt_bucket: int = 16
+
+    def __post_init__(self):
+        if self.group_size < 1 or self.max_new_tokens < 1 or not self.temperature > 0:
+            raise ValueError("rollout: group_size, max_new_tokens >= 1 and temperature > 0 are required")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    steps: int
+    batch_prompts: int  # prompts per step; the batch is batch_prompts * group_size sequences
+    num_iterations: int = 1  # μ updates per rollout batch
+    micro_batches: int = 1
+    kl_in_reward: bool = False  # β·KL as a per-token reward instead of a loss term
+    ref_refresh_every: int | None = None  # copy the policy into the reference every N steps
+    dynamic_sampling: bool = False  # DAPO: zero-variance groups carry no loss (and no denominator)
+    log_entropy: bool = True
+    logprob_chunk: int = 128
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_prompts < 1 or self.num_iterations < 1 or self.micro_batches < 1:
+            raise ValueError("train: steps, batch_prompts, num_iterations and micro_batches must be >= 1")
+        if self.ref_refresh_every is not None and self.ref_refresh_every < 1:
+            raise ValueError(f"train.ref_refresh_every must be >= 1 or null, got {self.ref_refresh_every}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    every: int = 0  # 0: only before the first and after the last step
+    num_examples: int = 128
+    batch_prompts: int = 64
+    pass_k: int = 0  # > 0: also pass@k with k samples at the rollout temperature
+    correct_reward: str | None = None  # reward whose value > 0 means correct; default: the first in rewards.fns
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+    every: int = 50
+    keep: int = 2
+    async_save: bool = True
+    export_hf: bool = True  # save the final policy as an HF folder (run_dir/final)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSection:
+    """Mesh axis sizes (one may be -1: the remaining devices) over the first ``num_devices`` devices (default all)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    num_devices: int | None = None
+
+    def build(self):
+        import jax
+
+        devices = jax.devices()
+        if self.num_devices is not None:
+            if not 1 <= self.num_devices <= len(devices):
+                raise ValueError(f"mesh.num_devices={self.num_devices}, but {len(devices)} devices are present")
+            devices = devices[: self.num_devices]
+        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    seed: int = 0
+    model: ModelSection
+    data: DataConfig
+    rewards: RewardsConfig
+    algo: AlgoConfig = dataclasses.field(default_factory=AlgoConfig)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    train: TrainSection
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    warm_start: WarmStartSection | None = None
+
+    def __post_init__(self):
+        G, adv = self.rollout.group_size, self.algo.advantage
+        if G == 1 and adv.estimator == "group":
+            raise ValueError(
+                f"rollout.group_size=1 with advantage estimator 'group' (scale={adv.scale!r}) gives every sample "
+                "advantage 0; use group_size >= 2"
+            )
+        if G == 1 and adv.estimator == "rloo":
+            raise ValueError("rollout.group_size=1 leaves RLOO no other sample for its baseline; use group_size >= 2")
+        names = [f.name for f in self.rewards.fns]
+        if self.eval.correct_reward is not None and self.eval.correct_reward not in names:
+            raise ValueError(f"eval.correct_reward={self.eval.correct_reward!r} is not in rewards.fns {names}")
+        if self.train.ref_refresh_every is not None and self.model.ref_path is not None:
+            raise ValueError("train.ref_refresh_every copies the policy into the reference; it cannot be used with model.ref_path")
+        if self.train.kl_in_reward and self.algo.loss.beta == 0:
+            raise ValueError("train.kl_in_reward needs algo.loss.beta > 0 (the KL coefficient)")
+
+    @property
+    def correct_reward(self) -> str:
+        return self.eval.correct_reward or self.rewards.fns[0].name
+
+
+def load_experiment(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
+    """Load ``experiments/<name>`` (its config.yaml) or a YAML file, with dotted overrides."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment config (expected experiments/<name>/config.yaml)")
+    return from_yaml(ExperimentConfig, path, overrides)

@@ -1,0 +1,85 @@
+"""Building a run's pieces from its config: tokenizer, policy (pretrained or random), warm start, reference."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from grpo_jax.config import ConfigError
+from grpo_jax.experiment import ExperimentConfig, ModelSection
+from grpo_jax.mesh import shard_model
+from grpo_jax.models import CausalLM, build_model, load_hf, save_hf, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_cfg: ModelSection):
+    if model_cfg.tokenizer == "char":
+        from grpo_jax.data.char_tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer {model_cfg.tokenizer or model_cfg.path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load(path, cfg: ExperimentConfig, mesh) -> CausalLM:
+    m = cfg.model
+    return load_hf(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+
+
+def build_policy(cfg: ExperimentConfig, tokenizer, mesh) -> CausalLM:
+    """The initial policy: ``model.path`` loaded, or ``model.init`` randomly initialised from ``cfg.seed``."""
+    m = cfg.model
+    if m.path is not None:
+        return _load(m.path, cfg, mesh)
+    model_cfg = dataclasses.replace(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    if model_cfg.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.init.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    return shard_model(build_model(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh)
+
+
+def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_examples, run_dir: Path, mesh) -> CausalLM:
+    """Supervised warm start (once per run dir): trains, saves ``run_dir/warm_start`` as an HF folder, and returns the
+    policy *reloaded from that folder*, so a fresh run and a resumed one start from bit-identical weights."""
+    if cfg.warm_start is None:
+        return policy
+    folder = run_dir / "warm_start"
+    if not (folder / "config.json").exists():
+        from grpo_jax.sft import run_sft
+
+        target = cfg.warm_start.target
+        policy, history = run_sft(policy, tokenizer, train_examples, cfg.warm_start.sft,
+                                  completion_fn=lambda ex: target.format(**ex))
+        if jax.process_index() == 0:
+            save_hf(policy, folder)
+            (folder / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        log.info("warm start: %d SFT steps, final loss %.4f", len(history), history[-1]["loss"] if history else float("nan"))
+    return _load(folder, cfg, mesh)
+
+
+def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State], mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """Frozen reference (graphdef, params): ``model.ref_path``, or the initial policy's own (immutable) arrays."""
+    if cfg.model.ref_path is None:
+        return policy
+    return nnx.split(_load(cfg.model.ref_path, cfg, mesh))
+
+
+def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int):
+    """Jitted ``(params, tokens_BxS, mask_BxS) -> logps_BxS`` for a frozen model (the reference)."""
+
+    @jax.jit
+    def fn(params, tokens_BxS, mask_BxS):
+        model = nnx.merge(graphdef, params)
+        return token_logprobs(model, tokens_BxS, mask_BxS, temperature=temperature, chunk_size=chunk_size)
+
+    return fn

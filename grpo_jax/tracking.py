@@ -1,0 +1,71 @@
+"""Run metrics: one JSONL line per step, TensorBoard scalars, and a count of XLA compilations."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+from jax import monitoring
+
+_COMPILES = [0]
+
+
+def _on_event(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+    """XLA backend compilations in this process so far (every jitted function and eager op shape)."""
+    return _COMPILES[0]
+
+
+TIMING_KEYS = ("time/", "throughput/", "compiles")  # metrics that legitimately differ between identical runs
+
+
+class MetricsWriter:
+    """Appends ``{"step": n, ...}`` lines to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only).
+
+    ``truncate_after(step)`` drops lines past a resumed checkpoint, so a resumed run's file equals an uninterrupted
+    one's (timing fields aside).
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in sorted(metrics.items())}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
