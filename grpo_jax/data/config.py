@@ -45,6 +45,7 @@ class DataConfig:
     held_out_split: str = "test"
     num_examples: int = 10_000
     difficulty: int = 1
+    ops: str = "+-*"  # arith only: the operators drawn from
     seed: int = 0
     system_prompt: str | None = None
     template: str = "{question}"
@@ -68,6 +69,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
         if self.held_out_fraction > 0 and self.held_out_source:
             raise ValueError("DataConfig: set held_out_fraction or held_out_source, not both")
+        if not self.ops or set(self.ops) - set("+-*") or len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"DataConfig.ops must be distinct characters from '+-*', got {self.ops!r}")
+        if self.ops != "+-*" and self.task != "arith":
+            raise ValueError(f"DataConfig.ops applies to task 'arith' only, not {self.task!r}")
         if self.num_examples < 1:
             raise ValueError(f"DataConfig.num_examples must be >= 1, got {self.num_examples}")
         if self.difficulty not in DIFFICULTY_LEVELS:

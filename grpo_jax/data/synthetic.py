@@ -10,15 +10,16 @@ import random
 from grpo_jax.rewards.verifiers import eval_arithmetic, parse_arithmetic
 
 # difficulty -> (number of operands, max digits per operand)
-ARITH_LEVELS = {1: (2, 1), 2: (3, 2), 3: (4, 2), 4: (5, 3)}
+ARITH_LEVELS = {1: (2, 1), 2: (2, 2), 3: (3, 2), 4: (4, 3)}
 # difficulty -> how many numbers are given; targets lie in [1, COUNTDOWN_MAX_TARGET]
 COUNTDOWN_LEVELS = {1: 3, 2: 4, 3: 5, 4: 6}
 COUNTDOWN_MAX_NUMBER = 99
 COUNTDOWN_MAX_TARGET = 100
 
 
-def arith_examples(num_examples: int, difficulty: int, seed: int) -> list[dict]:
-    """``a op b op c ...`` with ops from + - * (usual precedence); answer is the exact integer value.
+def arith_examples(num_examples: int, difficulty: int, seed: int, ops: str = "+-*") -> list[dict]:
+    """``a op b op c ...`` with operators drawn from ``ops`` (a subset of ``+-*``, usual precedence); the answer is
+    the exact integer value.
 
     Example fields: question, answer (str), expression.
     """
@@ -27,8 +28,8 @@ def arith_examples(num_examples: int, difficulty: int, seed: int) -> list[dict]:
     examples = []
     for _ in range(num_examples):
         terms = [str(rng.randint(1, 10**digits - 1)) for _ in range(operands)]
-        ops = [rng.choice("+-*") for _ in range(operands - 1)]
-        expression = terms[0] + "".join(f" {op} {t}" for op, t in zip(ops, terms[1:]))
+        chosen = [rng.choice(ops) for _ in range(operands - 1)]
+        expression = terms[0] + "".join(f" {op} {t}" for op, t in zip(chosen, terms[1:]))
         value = eval_arithmetic(parse_arithmetic(expression))
         examples.append({"question": f"What is {expression}?", "answer": str(int(value)), "expression": expression})
     return examples

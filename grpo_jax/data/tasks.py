@@ -38,7 +38,7 @@ def get_task(name: str) -> TaskBuilder:
 
 @register_task("arith")
 def arith_task(cfg: DataConfig, source: str | None, split: str) -> list[dict]:
-    return arith_examples(cfg.num_examples, cfg.difficulty, cfg.seed)
+    return arith_examples(cfg.num_examples, cfg.difficulty, cfg.seed, cfg.ops)
 
 
 @register_task("countdown")
