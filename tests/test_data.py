@@ -91,8 +91,12 @@ def test_config_validation_names_fields():
 def test_arith_levels_and_answers():
     ex = arith_examples(200, 3, seed=1)
     assert ex == arith_examples(200, 3, seed=1) and ex != arith_examples(200, 3, seed=2)
-    # level 3: four operands of at most two digits
-    assert all(len(e["expression"].split()) == 7 and all(len(t) <= 2 for t in e["expression"].split()[::2]) for e in ex)
+    # level 3: three operands of at most two digits
+    assert all(len(e["expression"].split()) == 5 and all(len(t) <= 2 for t in e["expression"].split()[::2]) for e in ex)
+    # ops restricts the operators: level 2 is two operands of at most two digits
+    plus_minus = arith_examples(100, 2, seed=0, ops="+-")
+    assert {e["expression"].split()[1] for e in plus_minus} == {"+", "-"}
+    assert all(len(e["expression"].split()) == 3 for e in plus_minus)
     e = arith_examples(1, 1, seed=0)[0]
     a, op, b = e["expression"].split()
     assert int(e["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
