@@ -200,7 +200,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                     f"checkpoint is intact in {ckpt.directory}"
                 )
             if refresh and (step + 1) % cfg.train.ref_refresh_every == 0:
-                ref_params = state.params
+                ref_params = jax.tree.map(jnp.copy, state.params)  # the next step donates state.params
 
             correct_B = values[cfg.correct_reward] > 0
             adv = np.asarray(adv_B)

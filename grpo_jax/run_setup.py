@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.config import ConfigError
@@ -68,9 +69,11 @@ def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_example
 
 
 def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State], mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """Frozen reference (graphdef, params): ``model.ref_path``, or the initial policy's own (immutable) arrays."""
+    """Frozen reference (graphdef, params): ``model.ref_path``, or a copy of the initial policy (a copy, because the
+    train step donates the policy's buffers and updates them in place)."""
     if cfg.model.ref_path is None:
-        return policy
+        graphdef, params = policy
+        return graphdef, jax.tree.map(jnp.copy, params)
     return nnx.split(_load(cfg.model.ref_path, cfg, mesh))
 
 
