@@ -40,6 +40,11 @@ def build_char_tokenizer(alphabet: str | None = None):
     vocabulary is always ``VOCAB_SIZE``; the alphabet only fixes which ids are small and stable.
     ``decode(encode(text)) == text`` for any NFC-normalised text (the tokenizer normalises to NFC, as Qwen2's does).
     """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"build_char_tokenizer needs transformers >= 5 (Qwen2Tokenizer built from a vocab dict and "
+                          f"a merge list); found {transformers.__version__}")
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.models.qwen2 import Qwen2Tokenizer
 
