@@ -155,7 +155,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
             child = node.get(k)
             node[k] = dict(child) if isinstance(child, Mapping) else {}
             node = node[k]
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:  # not a YAML scalar/list/map (e.g. a format string like "{expression}="): keep the text
+            node[keys[-1]] = raw
     return out
 
 

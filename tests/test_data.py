@@ -84,8 +84,13 @@ def test_config_validation_names_fields():
         DataConfig(task="gsm8k", source="x.jsonl", columns={"problem": "q"})
     with pytest.raises(ValueError, match=r"difficulty must be one of \[1, 2, 3, 4\]"):
         DataConfig(task="arith", difficulty=7)
-    with pytest.raises(ValueError, match=r"exactly the field \{question\}, got \['problem'\]"):
-        DataConfig(task="arith", template="Solve {problem}")
+    with pytest.raises(ValueError, match=r"named example fields such as \{question\}, got \[''\]"):
+        DataConfig(task="arith", template="Solve {}")
+    # a field the task's examples lack is named when the prompts are built
+    with pytest.raises(ValueError, match=r"uses field 'problem' that 'arith' examples lack; fields: \['answer', 'expression'"):
+        build_splits(DataConfig(task="arith", num_examples=5, template="Solve {problem}"))
+    compact = build_splits(DataConfig(task="arith", num_examples=5, template="{expression}="))
+    assert compact.train[0]["prompt"] == compact.train[0]["expression"] + "="
 
 
 def test_arith_levels_and_answers():

@@ -30,8 +30,9 @@ class DataConfig:
     columns: ``{our_field: their_column}`` overriding ``HUB_COLUMNS[task]``, e.g. ``{"question": "prompt"}``.
     held_out_fraction: share of the rows set aside for evaluation, chosen from ``seed``; or ``held_out_source``
       (+ ``held_out_split``) loads the evaluation rows separately. Held-out questions are removed from train.
-    template: a format string with one ``{question}`` field, wrapped as the user turn of the tokenizer's chat
-      template when it has one (with ``system_prompt`` as the system turn), else used as the raw prompt.
+    template: a format string over the example's fields (``{question}``; task fields such as arith's
+      ``{expression}``), wrapped as the user turn of the tokenizer's chat template when it has one (with
+      ``system_prompt`` as the system turn), else used as the raw prompt.
     seed: drives generation, the held-out split and the epoch shuffles.
     """
 
@@ -46,6 +47,7 @@ class DataConfig:
     num_examples: int = 10_000
     difficulty: int = 1
     ops: str = "+-*"  # arith only: the operators drawn from
+    digits: tuple[int, ...] = ()  # arith only: max digits per operand, overriding difficulty (e.g. [2, 1])
     seed: int = 0
     system_prompt: str | None = None
     template: str = "{question}"
@@ -73,6 +75,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.ops must be distinct characters from '+-*', got {self.ops!r}")
         if self.ops != "+-*" and self.task != "arith":
             raise ValueError(f"DataConfig.ops applies to task 'arith' only, not {self.task!r}")
+        if self.digits and (self.task != "arith" or len(self.digits) < 2 or not all(1 <= d <= 9 for d in self.digits)):
+            raise ValueError(f"DataConfig.digits applies to task 'arith': >= 2 operands of 1-9 digits, got {self.digits}")
         if self.num_examples < 1:
             raise ValueError(f"DataConfig.num_examples must be >= 1, got {self.num_examples}")
         if self.difficulty not in DIFFICULTY_LEVELS:
@@ -81,5 +85,5 @@ class DataConfig:
             fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
         except ValueError as e:
             raise ValueError(f"DataConfig.template is not a valid format string ({e}): {self.template!r}") from e
-        if fields != {"question"}:
-            raise ValueError(f"DataConfig.template must use exactly the field {{question}}, got {sorted(fields)}")
+        if not fields or "" in fields or any(not f.isidentifier() for f in fields):
+            raise ValueError(f"DataConfig.template must use named example fields such as {{question}}, got {sorted(fields)}")

@@ -17,18 +17,23 @@ COUNTDOWN_MAX_NUMBER = 99
 COUNTDOWN_MAX_TARGET = 100
 
 
-def arith_examples(num_examples: int, difficulty: int, seed: int, ops: str = "+-*") -> list[dict]:
+def arith_examples(
+    num_examples: int, difficulty: int, seed: int, ops: str = "+-*", digits: tuple[int, ...] = ()
+) -> list[dict]:
     """``a op b op c ...`` with operators drawn from ``ops`` (a subset of ``+-*``, usual precedence); the answer is
-    the exact integer value.
+    the exact integer value. ``digits`` (max digits of each operand, e.g. (2, 1) for ``47 + 8``) overrides the
+    operand count and sizes of ``difficulty``.
 
     Example fields: question, answer (str), expression.
     """
-    operands, digits = _level(ARITH_LEVELS, difficulty, "arith")
+    if not digits:
+        operands, size = _level(ARITH_LEVELS, difficulty, "arith")
+        digits = (size,) * operands
     rng = random.Random(seed)
     examples = []
     for _ in range(num_examples):
-        terms = [str(rng.randint(1, 10**digits - 1)) for _ in range(operands)]
-        chosen = [rng.choice(ops) for _ in range(operands - 1)]
+        terms = [str(rng.randint(1, 10**d - 1)) for d in digits]
+        chosen = [rng.choice(ops) for _ in range(len(digits) - 1)]
         expression = terms[0] + "".join(f" {op} {t}" for op, t in zip(chosen, terms[1:]))
         value = eval_arithmetic(parse_arithmetic(expression))
         examples.append({"question": f"What is {expression}?", "answer": str(int(value)), "expression": expression})

@@ -38,7 +38,7 @@ def get_task(name: str) -> TaskBuilder:
 
 @register_task("arith")
 def arith_task(cfg: DataConfig, source: str | None, split: str) -> list[dict]:
-    return arith_examples(cfg.num_examples, cfg.difficulty, cfg.seed, cfg.ops)
+    return arith_examples(cfg.num_examples, cfg.difficulty, cfg.seed, cfg.ops, cfg.digits)
 
 
 @register_task("countdown")
@@ -106,5 +106,9 @@ def build_splits(cfg: DataConfig, tokenizer=None) -> Splits:
     if not train:
         raise ValueError(f"data: no training examples left for task {cfg.task!r} after the held-out split")
     for ex in train + held_out:
-        ex["prompt"] = render_prompt(tokenizer, ex["question"], system_prompt=cfg.system_prompt, template=cfg.template)
+        try:
+            user = cfg.template.format(**ex)
+        except KeyError as e:
+            raise ValueError(f"DataConfig.template uses field {e} that {cfg.task!r} examples lack; fields: {sorted(ex)}") from None
+        ex["prompt"] = render_prompt(tokenizer, user, system_prompt=cfg.system_prompt)
     return Splits(train=train, held_out=held_out)
