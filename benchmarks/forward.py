@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 
@@ -21,6 +20,7 @@ import torch
 import transformers
 from flax import nnx
 
+from grpo_jax import perf
 from grpo_jax.models import load_hf
 
 CONFIGS = {  # "small": the benchmark; "tiny": the smoke test
@@ -30,21 +30,6 @@ CONFIGS = {  # "small": the benchmark; "tiny": the smoke test
                  num_key_value_heads=2),
 }
 FAMILIES = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "llama": transformers.LlamaConfig}
-
-
-def time_runs(fn, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def throughput(times: list[float], tokens: int) -> dict[str, float]:
-    return {"tokens_per_s_min_time": tokens / min(times), "tokens_per_s_median": tokens / statistics.median(times)}
 
 
 def main(argv=None) -> dict:
@@ -80,22 +65,11 @@ def main(argv=None) -> dict:
     diff = float(np.abs(np.asarray(run_ours()) - run_torch().numpy()).max())
     n_tokens = batch * length
     report = {
-        "family": args.family,
-        "config": size,
-        "batch": batch,
-        "length": length,
-        "runs": runs,
-        "jax_backend": jax.default_backend(),
-        "torch_threads": torch.get_num_threads(),
-        "max_abs_logits_diff": diff,
-        "ours": throughput(time_runs(run_ours, warmup, runs), n_tokens),
-        "torch": throughput(time_runs(run_torch, warmup, runs), n_tokens),
+        "benchmark": "forward", **perf.device_info(), "family": args.family, "config": size, "batch": batch,
+        "length": length, "runs": runs, "torch_threads": torch.get_num_threads(), "max_abs_logits_diff": diff,
+        **perf.compare(perf.time_runs(run_ours, runs, warmup), perf.time_runs(run_torch, runs, warmup), n_tokens),
     }
-    report["ratio_ours_over_torch_median"] = report["ours"]["tokens_per_s_median"] / report["torch"]["tokens_per_s_median"]
-    for side in ("ours", "torch"):
-        r = report[side]
-        print(f"{side:>5}: {r['tokens_per_s_min_time']:12,.0f} tok/s (min time)  {r['tokens_per_s_median']:12,.0f} tok/s (median)")
-    print(f"ratio ours/torch (median): {report['ratio_ours_over_torch_median']:.2f}   max |logits diff| {diff:.1e}")
+    print(f"ours = grpo_jax NNX, theirs = transformers torch; max |logits diff| {diff:.1e}")
     print(json.dumps(report))
     return report
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import tempfile
 import time
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 import transformers
 
+from grpo_jax import perf
 from grpo_jax.models import load_hf
 from grpo_jax.rollout import generate
 
@@ -30,15 +29,6 @@ SIZES = {  # ~5.2M params: tied 2048x256 embedding + 6 layers of (attention 196k
     "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None):
@@ -69,7 +59,6 @@ def main(argv=None):
     def ours(seed=0):
         out = generate(model, prompts, max_new_tokens=args.new_tokens, num_samples=args.samples, temperature=1.0,
                        eos_ids=(), pad_id=0, rng=seed)
-        jax.block_until_ready(out)
         assert int(out.lengths_B.sum()) == n_tokens
 
     ids = torch.tensor(prompts)
@@ -81,22 +70,17 @@ def main(argv=None):
                               min_new_tokens=args.new_tokens, pad_token_id=0, use_cache=True)
         assert out.shape == (args.prompts * args.samples, args.prompt_len + args.new_tokens)
 
-    compile_s = timed(ours, 1)[0]
-    warm_s = timed(theirs, 1)[0]
-    t_ours, t_hf = timed(ours, args.repeats), timed(theirs, args.repeats)
-    rate = lambda ts: (n_tokens / max(ts), n_tokens / statistics.median(ts))  # noqa: E731  (min rate, median rate)
-    (ours_min, ours_med), (hf_min, hf_med) = rate(t_ours), rate(t_hf)
+    t0 = time.perf_counter()
+    ours()
+    compile_s = time.perf_counter() - t0
+    theirs()  # torch warm-up
+    print(f"{n_params / 1e6:.1f}M params, {args.prompts * args.samples} sequences x {args.new_tokens} new tokens; "
+          f"ours = grpo_jax.generate (first call incl. compile {compile_s:.1f}s), theirs = transformers generate")
     result = {
-        "benchmark": "rollout", "device": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine(),
-        "params": n_params, "sequences": args.prompts * args.samples, "new_tokens": args.new_tokens,
-        "prompt_len": args.prompt_len, "grpo_jax_tok_s": {"min": ours_min, "median": ours_med},
-        "transformers_tok_s": {"min": hf_min, "median": hf_med}, "ratio_median": ours_med / hf_med,
-        "grpo_jax_first_call_s": compile_s, "transformers_first_call_s": warm_s,
+        "benchmark": "rollout", **perf.device_info(), "params": n_params, "sequences": args.prompts * args.samples,
+        "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "grpo_jax_first_call_s": compile_s,
+        **perf.compare(perf.time_runs(ours, args.repeats, 0), perf.time_runs(theirs, args.repeats, 0), n_tokens),
     }
-    print(f"{n_params / 1e6:.1f}M params, {result['sequences']} sequences x {args.new_tokens} new tokens")
-    print(f"grpo_jax      tokens/s  min {ours_min:9.0f}  median {ours_med:9.0f}  (first call incl. compile {compile_s:.1f}s)")
-    print(f"transformers  tokens/s  min {hf_min:9.0f}  median {hf_med:9.0f}")
-    print(f"ratio grpo_jax / transformers (median): {result['ratio_median']:.2f}x")
     print(json.dumps(result))
     return result
 

@@ -82,3 +82,13 @@ def rates(times: list[float], work: float) -> dict[str, float]:
 def device_info() -> dict[str, object]:
     d = jax.devices()[0]
     return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count()}
+
+
+def compare(ours: list[float], theirs: list[float], work: float, unit: str = "tok/s") -> dict[str, object]:
+    """Print and return both sides' rates (best and median run) and the ratio ours/theirs of the medians."""
+    out = {"ours": rates(ours, work), "theirs": rates(theirs, work)}
+    out["ratio_median"] = out["ours"]["median"] / out["theirs"]["median"]
+    for side in ("ours", "theirs"):
+        print(f"{side:>6}: {out[side]['best']:12,.0f} {unit} (best run)  {out[side]['median']:12,.0f} {unit} (median)")
+    print(f"ratio ours/theirs (median): {out['ratio_median']:.2f}x")
+    return out
