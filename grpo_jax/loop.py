@@ -24,6 +24,7 @@ from grpo_jax.data import OrderState, batch_at, build_splits
 from grpo_jax.evaluation import decode_completions, encode_prompts, evaluate
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
+from grpo_jax.models import save_hf
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, load_reference, load_tokenizer, logprob_fn, warm_start
@@ -231,8 +232,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                 raise Preempted(done)
         ckpt.wait()
         if cfg.checkpoint.export_hf and jax.process_index() == 0:
-            from grpo_jax.models import save_hf
-
             save_hf(nnx.merge(graphdef, state.params), run_dir / "final")
             tokenizer.save_pretrained(run_dir / "final")
     finally:
