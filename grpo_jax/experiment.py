@@ -12,6 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
 from grpo_jax.mesh import make_mesh
@@ -45,10 +47,38 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmStartSection:
-    """Supervised warm start on the training split before GRPO: target text = ``target.format(**example)``."""
+    """Supervised warm start on the training split before GRPO: target text = ``target.format(**example)``.
+
+    ``flawed_target`` with ``flawed_fraction`` = f: a seeded fraction f of the distinct training questions get
+    ``flawed_target.format(**example)`` instead (e.g. arith's ``{no_carry_answer}``), always the same ones: warm-start
+    data with a systematic error, which imitation learns and a verifiable reward can remove.
+    """
 
     sft: SFTConfig
     target: str = "{answer}"
+    flawed_target: str | None = None
+    flawed_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.flawed_fraction <= 1.0:
+            raise ValueError(f"flawed_fraction must be in [0, 1], got {self.flawed_fraction}")
+        if (self.flawed_target is None) != (self.flawed_fraction == 0.0):
+            raise ValueError("set flawed_target and a flawed_fraction > 0 together (or neither)")
+
+    def completion_fn(self, examples: list[dict]):
+        """example -> SFT target text, with the flawed questions chosen once from ``sft.seed``."""
+        questions = sorted({ex["question"] for ex in examples})
+        chosen = np.random.default_rng(self.sft.seed).random(len(questions)) < self.flawed_fraction
+        flawed = {q for q, c in zip(questions, chosen) if c}
+
+        def target(ex: dict) -> str:
+            template = self.flawed_target if ex["question"] in flawed else self.target
+            try:
+                return template.format(**ex)
+            except KeyError as e:
+                raise ValueError(f"warm_start target {template!r} uses field {e}; the examples have {sorted(ex)}") from None
+
+        return target
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

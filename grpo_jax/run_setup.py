@@ -58,9 +58,8 @@ def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_example
     if not (folder / "config.json").exists():
         from grpo_jax.sft import run_sft
 
-        target = cfg.warm_start.target
         policy, history = run_sft(policy, tokenizer, train_examples, cfg.warm_start.sft,
-                                  completion_fn=lambda ex: target.format(**ex))
+                                  completion_fn=cfg.warm_start.completion_fn(train_examples))
         if jax.process_index() == 0:
             save_hf(policy, folder)
             (folder / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))

@@ -173,3 +173,13 @@ def test_data_config_loads_from_a_yaml_like_dict():
     assert cfg.columns == {"question": "q"} and cfg.split == "train"
     with pytest.raises(ConfigError, match="colums: unknown key"):
         from_dict(DataConfig, {"task": "gsm8k", "source": "x.jsonl", "colums": {}})
+
+
+def test_no_carry_answer_drops_every_carry():
+    from grpo_jax.data.synthetic import _no_carry_sum
+
+    # 47 + 38: units 7+8=15 -> 5, tens 4+3=7 -> "75"; 67 + 58: 15 -> 5, 11 -> 1 -> "15"; 5 + 7 -> 2; 40 + 2 -> 42
+    assert [_no_carry_sum(t) for t in (["47", "38"], ["67", "58"], ["5", "7"], ["40", "2"])] == ["75", "15", "2", "42"]
+    ex = arith_examples(50, 2, seed=0, ops="+")
+    assert all("no_carry_answer" in e for e in ex)
+    assert "no_carry_answer" not in arith_examples(1, 2, seed=0, ops="-")[0]

@@ -62,3 +62,23 @@ def test_countdown_r1_runs_a_few_grpo_steps(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert {"reward/countdown/mean", "reward/format/mean", "train/loss", "eval/pass@2"} <= set(rows[-1])
     assert "eval/accuracy" in summary["final_eval"]
+
+
+def test_flawed_warm_start_targets_are_systematic():
+    from grpo_jax.data import arith_examples
+    from grpo_jax.experiment import WarmStartSection
+    from grpo_jax.sft import SFTConfig
+
+    examples = arith_examples(400, 2, seed=0, ops="+")
+    ws = WarmStartSection(sft=SFTConfig(seed=3), flawed_target="{no_carry_answer}", flawed_fraction=0.6)
+    target = ws.completion_fn(examples)
+    flawed = {e["question"] for e in examples if target(e) != e["answer"]}
+    carry = {e["question"] for e in examples if e["no_carry_answer"] != e["answer"]}
+    assert flawed <= carry and 0.45 < len(flawed) / len(carry) < 0.75  # ~60% of the questions with a carry
+    assert ws.completion_fn(examples)(examples[0]) == target(examples[0])  # same choice every time
+    assert all(target(e) in (e["answer"], e["no_carry_answer"]) for e in examples)
+    with pytest.raises(ValueError, match="together"):
+        WarmStartSection(sft=SFTConfig(), flawed_fraction=0.5)
+    bad = WarmStartSection(sft=SFTConfig(), flawed_target="{nope}", flawed_fraction=1.0).completion_fn(examples)
+    with pytest.raises(ValueError, match="uses field 'nope'"):
+        bad(examples[0])

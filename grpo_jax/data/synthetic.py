@@ -24,7 +24,8 @@ def arith_examples(
     the exact integer value. ``digits`` (max digits of each operand, e.g. (2, 1) for ``47 + 8``) overrides the
     operand count and sizes of ``difficulty``.
 
-    Example fields: question, answer (str), expression.
+    Example fields: question, answer (str), expression; for pure additions also no_carry_answer (the answer with
+    carries dropped, a systematic error for warm-start data with a known flaw).
     """
     if not digits:
         operands, size = _level(ARITH_LEVELS, difficulty, "arith")
@@ -36,8 +37,18 @@ def arith_examples(
         chosen = [rng.choice(ops) for _ in range(len(digits) - 1)]
         expression = terms[0] + "".join(f" {op} {t}" for op, t in zip(chosen, terms[1:]))
         value = eval_arithmetic(parse_arithmetic(expression))
-        examples.append({"question": f"What is {expression}?", "answer": str(int(value)), "expression": expression})
+        example = {"question": f"What is {expression}?", "answer": str(int(value)), "expression": expression}
+        if set(chosen) == {"+"}:
+            example["no_carry_answer"] = _no_carry_sum(terms)
+        examples.append(example)
     return examples
+
+
+def _no_carry_sum(terms: list[str]) -> str:
+    """The classic addition slip: each digit column summed mod 10, carries dropped (47 + 38 -> 75)."""
+    width = max(map(len, terms))
+    columns = zip(*(t.zfill(width) for t in terms))
+    return str(int("".join(str(sum(map(int, col)) % 10) for col in columns)))
 
 
 def countdown_examples(num_examples: int, difficulty: int, seed: int) -> list[dict]:
