@@ -72,20 +72,20 @@ def _write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     path.write_text(text)
 
 
-def build_batch(ro, adv_B, ref_logp_BxS, keep_B, cfg: ExperimentConfig) -> Batch:
-    """Prompt+completion arrays [B, S]; loss on completion tokens of kept rows only."""
-    zeros = jnp.zeros(ro.prompt_BxP.shape, jnp.float32)
+def build_batch(ro, adv_B, ref_logprobs, keep_B, cfg: ExperimentConfig) -> Batch:
+    """Prompt+completion arrays [B, S]; loss on completion tokens of kept rows only. ``ref_logprobs``
+    ((tokens, mask) -> logps, or None when β = 0) scores the same concatenated sequences."""
+    tokens = jnp.concatenate([ro.prompt_BxP, ro.completion_BxT], axis=1)
+    attn = jnp.concatenate([ro.prompt_mask_BxP, ro.completion_mask_BxT], axis=1)
     loss_mask = jnp.concatenate([jnp.zeros_like(ro.prompt_mask_BxP), ro.completion_mask_BxT & keep_B[:, None]], axis=1)
-    old_logp = jnp.concatenate([zeros, ro.logprobs_BxT], axis=1)
+    old_logp = jnp.concatenate([jnp.zeros(ro.prompt_BxP.shape, jnp.float32), ro.logprobs_BxT], axis=1)
+    ref_logp = ref_logprobs(tokens, attn) if ref_logprobs is not None else None
     adv = adv_B
     if cfg.train.kl_in_reward:
-        adv = kl_reward_advantages(adv_B, old_logp, ref_logp_BxS, loss_mask, cfg.algo.loss.beta)
-        ref_logp_BxS = None
-    return Batch(
-        tokens_BxS=jnp.concatenate([ro.prompt_BxP, ro.completion_BxT], axis=1),
-        attn_mask_BxS=jnp.concatenate([ro.prompt_mask_BxP, ro.completion_mask_BxT], axis=1),
-        loss_mask_BxS=loss_mask, old_logp_BxS=old_logp, ref_logp_BxS=ref_logp_BxS, adv=adv,
-    )
+        adv = kl_reward_advantages(adv_B, old_logp, ref_logp, loss_mask, cfg.algo.loss.beta)
+        ref_logp = None
+    return Batch(tokens_BxS=tokens, attn_mask_BxS=attn, loss_mask_BxS=loss_mask, old_logp_BxS=old_logp,
+                 ref_logp_BxS=ref_logp, adv=adv)
 
 
 def _length_stats(lengths_B: np.ndarray, correct_B: np.ndarray, finished_B: np.ndarray) -> dict[str, float]:
@@ -186,10 +186,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             t_reward = time.perf_counter() - t0 - t_rollout
             adv_B = compute_advantages(jnp.asarray(rewards_B), G, cfg.algo.advantage)
             keep_B = dynamic_sampling_mask(rewards_B, G) if cfg.train.dynamic_sampling else jnp.ones(P * G, bool)
-            tokens = jnp.concatenate([ro.prompt_BxP, ro.completion_BxT], axis=1)
-            attn = jnp.concatenate([ro.prompt_mask_BxP, ro.completion_mask_BxT], axis=1)
-            ref_logp = ref_logprobs(ref_params, tokens, attn) if need_ref else None
-            batch = shard_batch(build_batch(ro, adv_B, ref_logp, keep_B, cfg), mesh)
+            ref_fn = (lambda t, m: ref_logprobs(ref_params, t, m)) if need_ref else None  # noqa: E731
+            batch = shard_batch(build_batch(ro, adv_B, ref_fn, keep_B, cfg), mesh)
             t1 = time.perf_counter()
             state, train_metrics = train_step(state, batch)
             train_metrics = jax.device_get(train_metrics)
