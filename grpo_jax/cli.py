@@ -12,11 +12,36 @@ from pathlib import Path
 from grpo_jax import config, presets
 
 
-def _enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache: a second run of the same experiment skips XLA compilation."""
+def _machine_tag() -> str:
+    """jax version, platform and (on CPU) a hash of the CPU's feature flags: an XLA:CPU executable compiled for one
+    CPU must never be loaded on another (a home directory shared between machines, or copied to a CI runner)."""
+    import hashlib
+
     import jax
 
-    cache = os.environ.get("GRPO_JAX_CACHE", str(Path.home() / ".cache" / "grpo_jax" / "xla"))
+    device = jax.devices()[0]
+    tag = f"{jax.__version__}-{device.platform}-{device.device_kind}"
+    if device.platform == "cpu":
+        try:
+            flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        except (OSError, StopIteration):
+            flags = os.uname().machine
+        tag += "-" + hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in tag)
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache: a second run of the same experiment skips XLA compilation.
+
+    ``GRPO_JAX_CACHE`` sets the directory (empty: off); the default is ``~/.cache/grpo_jax/xla/<machine tag>``.
+    """
+    import jax
+
+    cache = os.environ.get("GRPO_JAX_CACHE")
+    if cache is None:
+        cache = str(Path.home() / ".cache" / "grpo_jax" / "xla" / _machine_tag())
+    if not cache:
+        return
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 

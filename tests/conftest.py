@@ -2,12 +2,19 @@
 
 XLA_FLAGS must be set before jax is first imported, which is why this lives at the top of conftest.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# In-process `cli.main` calls get a compilation cache of their own, never the user's (~/.cache/grpo_jax), whose
+# executables may come from another machine; tests that want a cache pass GRPO_JAX_CACHE explicitly.
+os.environ["GRPO_JAX_CACHE"] = tempfile.mkdtemp(prefix="grpo_jax_test_xla_")
+atexit.register(shutil.rmtree, os.environ["GRPO_JAX_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402
 
