@@ -70,16 +70,30 @@ def truncate_logits(logits_BxV: jax.Array, top_k: int | None, top_p: float | Non
     return logits_BxV
 
 
+def draw(probs_BxV: jax.Array, key: jax.Array) -> jax.Array:
+    """One draw per row from the categorical ``probs_BxV`` by inverse transform: the first index whose cumulative
+    probability exceeds u ~ U[0, total). One uniform per row instead of Gumbel-max's B x V (on CPU the random bits
+    cost more than the rest of the sampling). A token of probability 0 is never drawn: its cumulative value equals
+    its predecessor's, so the predecessor (or an earlier token) is always the first to exceed u."""
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    u_Bx1 = jax.random.uniform(key, (probs_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+    last_B = probs_BxV.shape[-1] - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)  # rounding guard: u == total
+    return jnp.minimum(jnp.sum(cdf_BxV <= u_Bx1, axis=-1), last_B)
+
+
 def next_token(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """(token_B, logprob_B): a draw from the truncated softmax(logits/T) (argmax when T = 0), and its log-prob under
     the *untruncated* softmax(logits/T) (T = 1 for greedy) — what ``token_logprobs(..., temperature=T)`` recomputes."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     scaled_BxV = logits_BxV / (cfg.temperature or 1.0)
+    logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
     if cfg.temperature == 0:
         token_B = jnp.argmax(logits_BxV, axis=-1)
+    elif cfg.top_k is None and cfg.top_p is None:
+        token_B = draw(jnp.exp(logp_BxV), key)
     else:
-        token_B = jax.random.categorical(key, truncate_logits(scaled_BxV, cfg.top_k, cfg.top_p), axis=-1)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+        token_B = draw(jax.nn.softmax(truncate_logits(scaled_BxV, cfg.top_k, cfg.top_p), axis=-1), key)
+    logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logp_B
 
 
@@ -94,6 +108,7 @@ def sample(graphdef, state, prompt_PxL, prompt_mask_PxL, key, *, cfg: SamplingCo
     logits_PxLxV, cache = model(prompt_PxL, attention_mask_BxT=prompt_mask_PxL, cache=cache)
     cache = cache.repeat(G)
     logits_BxV = jnp.repeat(logits_PxLxV[:, -1], G, axis=0)
+    layers = model.model.split_layers()  # per-layer weight slices made once, not on every decode step
     B = P * G
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
@@ -111,7 +126,7 @@ def sample(graphdef, state, prompt_PxL, prompt_mask_PxL, key, *, cfg: SamplingCo
         logps_BxT = logps_BxT.at[:, step].set(jnp.where(live_B, logp_B, 0.0))
         lens_B = lens_B + live_B
         finished_B = finished_B | jnp.isin(token_B, eos)
-        logits_Bx1xV, cache = model(token_B[:, None], cache=cache)
+        logits_Bx1xV, cache = model(token_B[:, None], cache=cache, layers=layers)
         return step + 1, cache, logits_Bx1xV[:, 0], (tokens_BxT, logps_BxT), finished_B, lens_B
 
     out = (jnp.full((B, T), cfg.pad_id, jnp.int32), jnp.zeros((B, T), jnp.float32))

@@ -92,7 +92,7 @@ def test_prefilled_cache_broadcasts_to_group_samples(pair):
     step = nnx.jit(lambda m, tok, mask, cache: m(tok, attention_mask_BxT=mask, cache=cache))
     _, cache = step(ours, prompt, prompt_mask, KVCache.init(ours.config, P, Tp + 2))
     cache = cache.repeat(G)
-    assert cache.k_LxBxSxKxH.shape == (2, P * G, Tp + 2, 2, 16)
+    assert len(cache.k_BxKxSxH) == 2 and cache.k_BxKxSxH[0].shape == (P * G, 2, Tp + 2, 16)
     next_tokens = np.arange(3, 3 + P * G, dtype=np.int32)[:, None]  # a different sample token in every row
     logits, _ = step(ours, next_tokens, np.ones((P * G, 1), np.int32), cache)
     rows = np.repeat(np.arange(P), G)

@@ -23,15 +23,17 @@ class CausalLM(nnx.Module):
         shape = (cfg.hidden_size, cfg.vocab_size)
         self.lm_head = None if cfg.tie_word_embeddings else init_param(rngs, cfg, ("embed", "vocab"), shape, "normal")
 
-    def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None,
+                 layers: tuple[nnx.State, ...] | None = None):
         """logits_BxTxV in the compute dtype; ``(logits_BxTxV, new_cache)`` when a cache is given.
 
         ``attention_mask_BxT`` (1 = real token) excludes pad keys; with left padding, real positions get the same
         logits as the unpadded row. ``positions_BxT`` default: each row's real tokens counted from 0 (continuing
         from the cache's ``lengths_B``). With a cache the tokens are written at slot ``cache.index`` for all rows;
         the caller keeps ``cache.index + T <= cache.max_length`` (writes past the end are clamped, not checked).
+        A decode loop passes ``layers=model.model.split_layers()`` computed once before the loop.
         """
-        hidden_BxTxE, new_cache = self.model(tokens_BxT, positions_BxT, attention_mask_BxT, cache)
+        hidden_BxTxE, new_cache = self.model(tokens_BxT, positions_BxT, attention_mask_BxT, cache, layers)
         logits_BxTxV = self.logits(hidden_BxTxE)
         return logits_BxTxV if cache is None else (logits_BxTxV, new_cache)
 

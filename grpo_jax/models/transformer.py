@@ -68,7 +68,7 @@ def _dense(x: jax.Array, w: nnx.Param, equation: str, bias: nnx.Param | None) ->
     return y if bias is None else y + bias[...].astype(x.dtype)
 
 
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_mask_BxS, offset) -> jax.Array:
+def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, key_mask_BxS, offset) -> jax.Array:
     """Causal GQA attention of T queries at slots offset..offset+T-1 over S key slots; softmax in float32.
 
     Query t may see key slot s iff s <= offset + t and key_mask_BxS[b, s]. A query with no visible key (a pad
@@ -76,20 +76,25 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, key_mask_BxS, offset) -> jax.Array:
     Memory: the float32 scores are [B, N, T, S] (no flash attention here).
     """
     B, T, N, H = q_BxTxNxH.shape
-    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32)
     scores = scores * (H**-0.5)
     causal_TxS = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]
     allowed_Bx1x1xTxS = (key_mask_BxS[:, None, :] & causal_TxS[None])[:, None, None]
     scores = jnp.where(allowed_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
     return out.reshape(B, T, N, H)
 
 
+def _heads_first(x_BxTxKxH: jax.Array) -> jax.Array:
+    return x_BxTxKxH.transpose(0, 2, 1, 3)
+
+
 def _layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, kv_write, key_mask_BxS, offset):
-    """One decoder layer. ``kv_write(k, v) -> (keys, values)`` stores the new k/v (cache) or passes them through."""
+    """One decoder layer. ``kv_write(k_BxTxKxH, v_BxTxKxH) -> (keys_BxKxSxH, values_BxKxSxH)`` stores the new k/v in
+    the cache (and returns the whole cached row) or just returns them, heads first."""
     h = rms_norm(x_BxTxE, p.attn_norm, cfg.rms_norm_eps)
     q = _dense(h, p.q, "bte,enh->btnh", p.q_bias)
     k = _dense(h, p.k, "bte,enh->btnh", p.k_bias)
@@ -113,7 +118,13 @@ class Decoder(nnx.Module):
         self.layers = LayerStack(cfg, rngs=rngs)
         self.norm = init_param(rngs, cfg, ("norm",), (cfg.hidden_size,), "ones")
 
-    def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None):
+    def split_layers(self) -> tuple[nnx.State, ...]:
+        """Each layer's params as its own state (static slices of the stacked params)."""
+        _, stack = nnx.split(self.layers)
+        return tuple(jax.tree.map(lambda w, i=i: w[i], stack) for i in range(self.config.num_layers))
+
+    def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None,
+                 layers: tuple[nnx.State, ...] | None = None):
         cfg = self.config
         tokens_BxT = jnp.asarray(tokens_BxT)
         if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
@@ -134,7 +145,7 @@ class Decoder(nnx.Module):
         if cache is None:
             def body(x, layer_state):
                 p = nnx.merge(graphdef, layer_state)
-                return _layer(cfg, p, x, cos, sin, lambda k, v: (k, v), mask_BxT, 0), None
+                return _layer(cfg, p, x, cos, sin, lambda k, v: (_heads_first(k), _heads_first(v)), mask_BxT, 0), None
 
             body = jax.checkpoint(body) if cfg.remat else body
             x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, stack)
@@ -142,6 +153,35 @@ class Decoder(nnx.Module):
 
         index = cache.index
         key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
+        if T == 1:
+            layers = self.split_layers() if layers is None else layers
+            x_BxTxE, ks, vs = self._decode_layers(x_BxTxE, graphdef, layers, cos, sin, cache, key_mask_BxS)
+        else:
+            x_BxTxE, ks, vs = self._prefill_layers(x_BxTxE, graphdef, stack, cos, sin, cache, key_mask_BxS)
+        new_cache = KVCache(k_BxKxSxH=ks, v_BxKxSxH=vs, mask_BxS=key_mask_BxS, index=index + T)
+        return rms_norm(x_BxTxE, self.norm, cfg.rms_norm_eps), new_cache
+
+    def _decode_layers(self, x_BxTxE, graphdef, layers, cos, sin, cache: KVCache, key_mask_BxS):
+        """One new token per row: the layers unrolled in Python, each writing its own cache buffer in place.
+        ``layers``: ``split_layers()``, made once outside a decode loop (inside it, XLA would copy every layer's
+        weight slice on every step). Returns (x, keys, values)."""
+        ks, vs = list(cache.k_BxKxSxH), list(cache.v_BxKxSxH)
+        index = cache.index
+        for i in range(self.config.num_layers):
+            p = nnx.merge(graphdef, layers[i])
+
+            def kv_write(k, v, i=i):
+                ks[i] = jax.lax.dynamic_update_slice(ks[i], _heads_first(k).astype(ks[i].dtype), (0, 0, index, 0))
+                vs[i] = jax.lax.dynamic_update_slice(vs[i], _heads_first(v).astype(vs[i].dtype), (0, 0, index, 0))
+                return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
+
+            x_BxTxE = _layer(self.config, p, x_BxTxE, cos, sin, kv_write, key_mask_BxS, index)
+        return x_BxTxE, tuple(ks), tuple(vs)
+
+    def _prefill_layers(self, x_BxTxE, graphdef, stack, cos, sin, cache: KVCache, key_mask_BxS):
+        """Several new tokens per row (the prompt): a scan over the stacked layers (compile time independent of
+        depth) on a stacked copy of the cache, split back into per-layer buffers. Returns (x, keys, values)."""
+        cfg, index = self.config, cache.index
 
         def body_cached(carry, xs):
             x, k_all, v_all = carry
@@ -150,15 +190,14 @@ class Decoder(nnx.Module):
 
             def kv_write(k, v):  # write this layer's new k/v at slot `index`, then attend over the whole cache row
                 nonlocal k_all, v_all
-                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, index, 0, 0))
-                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, index, 0, 0))
+                k_all = jax.lax.dynamic_update_slice(k_all, _heads_first(k)[None].astype(k_all.dtype), (i, 0, 0, index, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, _heads_first(v)[None].astype(v_all.dtype), (i, 0, 0, index, 0))
                 return k_all[i].astype(k.dtype), v_all[i].astype(v.dtype)
 
             x = _layer(cfg, p, x, cos, sin, kv_write, key_mask_BxS, index)
             return (x, k_all, v_all), None
 
         body_cached = jax.checkpoint(body_cached) if cfg.remat else body_cached
-        carry = (x_BxTxE, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+        carry = (x_BxTxE, jnp.stack(cache.k_BxKxSxH), jnp.stack(cache.v_BxKxSxH))
         (x_BxTxE, k_all, v_all), _ = jax.lax.scan(body_cached, carry, (stack, jnp.arange(cfg.num_layers)))
-        new_cache = KVCache(k_LxBxSxKxH=k_all, v_LxBxSxKxH=v_all, mask_BxS=key_mask_BxS, index=index + T)
-        return rms_norm(x_BxTxE, self.norm, cfg.rms_norm_eps), new_cache
+        return x_BxTxE, tuple(k_all), tuple(v_all)
