@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from grpo_jax import config, presets
@@ -46,12 +47,40 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def _maybe_distributed() -> None:
-    """Multi-host: join the JAX cluster when the environment describes one (TPU pod slices, or explicit vars)."""
-    import jax
+def distributed_args(env: Mapping[str, str]) -> dict | None:
+    """``jax.distributed.initialize`` keyword arguments from the environment, or None for a single-process run.
 
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
-        jax.distributed.initialize()
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` describe
+    the cluster explicitly. The address alone, or a multi-worker Cloud TPU slice (``TPU_WORKER_HOSTNAMES`` lists
+    several hosts), gives ``{}``: jax detects the rest itself (TPU, SLURM, Open MPI, Kubernetes).
+    """
+    address, num, pid = (env.get(k, "") for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    if not (num or pid):
+        return {} if address or env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 else None
+    if not (address and num and pid):
+        missing = [k for k, v in (("JAX_COORDINATOR_ADDRESS", address), ("JAX_NUM_PROCESSES", num),
+                                  ("JAX_PROCESS_ID", pid)) if not v]
+        raise config.ConfigError(f"multi-host: JAX_NUM_PROCESSES and JAX_PROCESS_ID need JAX_COORDINATOR_ADDRESS "
+                                 f"and each other; {', '.join(missing)} missing")
+    try:
+        num_processes, process_id = int(num), int(pid)
+    except ValueError:
+        raise config.ConfigError(f"multi-host: JAX_NUM_PROCESSES={num!r} and JAX_PROCESS_ID={pid!r} must be "
+                                 "integers") from None
+    if not 0 <= process_id < num_processes:
+        raise config.ConfigError(f"multi-host: JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES="
+                                 f"{num_processes})")
+    return dict(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+
+
+def _maybe_distributed() -> None:
+    """Multi-host: join the JAX cluster when the environment describes one (see ``distributed_args``). Must run
+    before anything touches the devices; CPU processes exchange collectives over gloo (jax's default)."""
+    kwargs = distributed_args(os.environ)
+    if kwargs is not None:
+        import jax
+
+        jax.distributed.initialize(**kwargs)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -80,7 +109,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grpo_jax.data import build_splits
     from grpo_jax.evaluation import evaluate
     from grpo_jax.experiment import load_experiment
-    from grpo_jax.mesh import batch_size_multiple
     from grpo_jax.models import load_hf
     from grpo_jax.rewards import RewardPool
     from grpo_jax.run_setup import load_tokenizer
@@ -99,7 +127,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(model, tokenizer, held_out, rewards=cfg.rewards, correct_reward=cfg.correct_reward,
                           max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.eval.batch_prompts,
                           pass_k=cfg.eval.pass_k, temperature=cfg.rollout.temperature, key=jax.random.key(cfg.seed),
-                          pool=pool, batch_multiple=batch_size_multiple(mesh),
+                          pool=pool, mesh=mesh,
                           min_prompt_bucket=cfg.rollout.min_prompt_bucket)
     print(json.dumps({"model": str(folder), "examples": len(held_out), **result}))
     return 0

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from grpo_jax.models import CausalLM
+from grpo_jax.multihost import to_host
 from grpo_jax.rewards import RewardPool, RewardsConfig, reward_table
 from grpo_jax.rollout import Rollout, generate
 
@@ -17,7 +19,8 @@ def encode_prompts(tokenizer, examples: Sequence[dict]) -> list[list[int]]:
 
 
 def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
-    tokens, lengths = np.asarray(rollout.completion_BxT), np.asarray(rollout.lengths_B)
+    """Every completion as text (on every process: a collective when the rollout spans processes)."""
+    tokens, lengths = to_host(rollout.completion_BxT), to_host(rollout.lengths_B)
     return tokenizer.batch_decode([row[:n] for row, n in zip(tokens, lengths)], skip_special_tokens=True)
 
 
@@ -42,14 +45,15 @@ def evaluate(
     temperature: float = 1.0,
     key: jax.Array,
     pool: RewardPool | None = None,
-    batch_multiple: int = 1,
+    mesh: Mesh | None = None,
     min_prompt_bucket: int = 16,
 ) -> dict[str, float]:
     """``eval/accuracy`` (greedy), ``eval/length`` and, with pass_k > 0, ``eval/pass@k`` (any of k samples correct)
-    and ``eval/mean@k`` (mean sample accuracy) over ``examples``, in fixed-size batches (few compilations)."""
+    and ``eval/mean@k`` (mean sample accuracy) over ``examples``, in fixed-size batches (few compilations).
+    ``mesh``: the model's mesh; generation is split over its batch axes (see ``generate``)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                  batch_multiple=batch_multiple, min_prompt_bucket=min_prompt_bucket)
+                  mesh=mesh, min_prompt_bucket=min_prompt_bucket)
     correct, lengths, any_k, mean_k = [], [], [], []
     for start in range(0, len(examples), batch_prompts):
         chunk = list(examples[start:start + batch_prompts])
@@ -58,7 +62,7 @@ def evaluate(
         greedy = generate(model, ids, temperature=0.0, rng=key, **common)
         ok = correctness(rewards, correct_reward, prompts, decode_completions(tokenizer, greedy), chunk, 1, pool)
         correct.append(ok)
-        lengths.append(np.asarray(greedy.lengths_B))
+        lengths.append(to_host(greedy.lengths_B))
         if pass_k:
             sampled = generate(model, ids, num_samples=pass_k, temperature=temperature,
                                rng=jax.random.fold_in(key, start), **common)

@@ -24,10 +24,10 @@ from grpo_jax.data import OrderState, batch_at, build_splits
 from grpo_jax.evaluation import decode_completions, encode_prompts, evaluate
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
-from grpo_jax.models import save_hf
+from grpo_jax.multihost import any_process, is_primary, sync, to_host
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
-from grpo_jax.run_setup import build_policy, load_reference, load_tokenizer, logprob_fn, warm_start
+from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
 from grpo_jax.tracking import MetricsWriter, compile_count
 from grpo_jax.train_step import (
     Batch,
@@ -65,11 +65,14 @@ def validate(cfg: ExperimentConfig, mesh) -> None:
 
 
 def _write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """Every process checks an existing config.yaml before process 0 (re)writes it."""
     path = run_dir / "config.yaml"
     text = config_lib.to_yaml(cfg)
     if path.exists() and path.read_text() != text:
         raise config_lib.ConfigError(f"{path} holds a different config; resume with the same one or use a new --run-dir")
-    path.write_text(text)
+    sync("config checked")
+    if is_primary():
+        path.write_text(text)
 
 
 def build_batch(ro, adv_B, ref_logprobs, keep_B, cfg: ExperimentConfig) -> Batch:
@@ -106,7 +109,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     validate(cfg, mesh)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg)
-    shards = batch_size_multiple(mesh)
     tokenizer = load_tokenizer(cfg.model)
     splits = build_splits(cfg.data, tokenizer)
     terms = resolve_rewards(cfg.rewards)
@@ -149,7 +151,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     base_key, eval_base_key = jax.random.split(jax.random.key(cfg.seed))
     eval_kw = dict(rewards=cfg.rewards, correct_reward=cfg.correct_reward, max_new_tokens=cfg.rollout.max_new_tokens,
                    batch_prompts=cfg.eval.batch_prompts, pass_k=cfg.eval.pass_k, temperature=cfg.rollout.temperature,
-                   pool=pool, batch_multiple=shards, min_prompt_bucket=cfg.rollout.min_prompt_bucket)
+                   pool=pool, mesh=mesh, min_prompt_bucket=cfg.rollout.min_prompt_bucket)
     held_out = splits.held_out[: cfg.eval.num_examples]
 
     def run_eval(step: int) -> dict[str, float]:
@@ -161,8 +163,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     preempted = []
     old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     summary: dict = {"start_step": start}
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, disable=not show_progress,
-               desc="grpo", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
+               disable=not (show_progress and is_primary()), desc="grpo", dynamic_ncols=True)
     try:
         if start == 0:
             first = run_eval(0)
@@ -175,8 +177,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             ro = generate(nnx.merge(graphdef, state.params), encode_prompts(tokenizer, examples),
                           max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G, temperature=cfg.rollout.temperature,
                           top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                          rng=key, min_prompt_bucket=cfg.rollout.min_prompt_bucket, batch_multiple=shards)
-            lengths = np.asarray(ro.lengths_B)
+                          rng=key, min_prompt_bucket=cfg.rollout.min_prompt_bucket, mesh=mesh)
+            lengths = to_host(ro.lengths_B)
             t_rollout = time.perf_counter() - t0
 
             rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
@@ -204,14 +206,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             correct_B = values[cfg.correct_reward] > 0
             adv = np.asarray(adv_B)
             metrics |= {f"train/{k}": float(v) for k, v in train_metrics.items()}
-            metrics |= _length_stats(lengths, correct_B, np.asarray(ro.finished_B))
+            metrics |= _length_stats(lengths, correct_B, to_host(ro.finished_B))
             metrics |= {
                 "accuracy": correct_B.mean(), "adv/mean": adv.mean(), "adv/std": adv.std(), "adv/abs_mean": np.abs(adv).mean(),
                 "kept_frac": float(np.asarray(keep_B).mean()),
                 "shape/prompt_len": ro.prompt_BxP.shape[1],
                 "time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/train_s": t_train,
                 "throughput/rollout_tok_s": lengths.sum() / t_rollout,
-                "throughput/train_tok_s": float(batch.attn_mask_BxS.sum()) / t_train,
+                "throughput/train_tok_s": float(to_host(batch.attn_mask_BxS.sum())) / t_train,
             }
             done = step + 1
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
@@ -224,14 +226,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             kl=f"{train_metrics.get('kl', 0.0):.4f}", len=f"{lengths.mean():.0f}")
             meta = {"order": {"epoch": order.epoch, "position": order.position}}
-            if done == cfg.train.steps or done % cfg.checkpoint.every == 0 or preempted:
-                ckpt.save(done, tree(state, ref_params), meta, wait=bool(preempted))
-            if preempted:
+            stop = any_process(bool(preempted))  # all processes save (a collective) and stop at the same step
+            if done == cfg.train.steps or done % cfg.checkpoint.every == 0 or stop:
+                ckpt.save(done, tree(state, ref_params), meta, wait=stop)
+            if stop:
                 raise Preempted(done)
         ckpt.wait()
-        if cfg.checkpoint.export_hf and jax.process_index() == 0:
-            save_hf(nnx.merge(graphdef, state.params), run_dir / "final")
-            tokenizer.save_pretrained(run_dir / "final")
+        if cfg.checkpoint.export_hf:
+            export_hf(nnx.merge(graphdef, state.params), run_dir / "final", tokenizer)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         bar.close()

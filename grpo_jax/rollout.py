@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
+from grpo_jax.mesh import batch_size_multiple, shard_batch
 from grpo_jax.models import CausalLM, KVCache
 
 TRACES = {"sample": 0}  # how many times the jitted core was traced (= compiled); tests and metrics read it
@@ -177,12 +180,18 @@ def generate(
     rng: jax.Array | int = 0,
     min_prompt_bucket: int = 8,
     batch_multiple: int = 1,
+    mesh: Mesh | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt (token-id lists, ragged, non-empty).
 
     Prompt lengths and the prompt count are padded to buckets (``bucket``: powers of two and 1.5x powers; at least ``min_prompt_bucket``; the count to a
     multiple of ``batch_multiple``, e.g. the mesh's batch shards), so a run compiles once per bucket. ``rng`` is a
     PRNG key or an int seed; the same seed gives the same output. Returns a ``Rollout`` with B = len(prompts) * G.
+
+    ``mesh``: the prompt rows (padded to a multiple of its data*fsdp too) are placed split over its batch axes, so
+    on a data-parallel mesh each device decodes only its rows, and with several processes each process uploads
+    only its own rows; without it the prompts are replicated and every device decodes the whole batch. The samples
+    are the same either way (the PRNG draws do not depend on the sharding).
     """
     if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
         raise ValueError("generate: prompt_tokens must be a non-empty list of non-empty token-id lists")
@@ -195,9 +204,13 @@ def generate(
         eos_ids=tuple(int(e) for e in eos_ids), pad_id=pad_id,
     )
     n = len(prompt_tokens)
+    if mesh is not None:
+        batch_multiple = math.lcm(batch_multiple, batch_size_multiple(mesh))
     rows = -(-bucket(n, 1) // batch_multiple) * batch_multiple
     tokens, mask = pad_prompts(prompt_tokens, pad_id, rows, bucket(max(map(len, prompt_tokens)), min_prompt_bucket))
+    if mesh is not None:
+        tokens, mask = shard_batch((tokens, mask), mesh)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     graphdef, state = nnx.split(model)
     out = sample(graphdef, state, tokens, mask, key, cfg=cfg)
-    return jax.tree.map(lambda x: x[: n * num_samples], out)
+    return out if rows == n else jax.tree.map(lambda x: x[: n * num_samples], out)

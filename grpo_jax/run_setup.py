@@ -14,6 +14,7 @@ from grpo_jax.config import ConfigError
 from grpo_jax.experiment import ExperimentConfig, ModelSection
 from grpo_jax.mesh import shard_model
 from grpo_jax.models import CausalLM, build_model, load_hf, save_hf, token_logprobs
+from grpo_jax.multihost import is_primary, sync, to_host
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,24 @@ def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_example
 
         policy, history = run_sft(policy, tokenizer, train_examples, cfg.warm_start.sft,
                                   completion_fn=cfg.warm_start.completion_fn(train_examples))
-        if jax.process_index() == 0:
-            save_hf(policy, folder)
+        export_hf(policy, folder)
+        if is_primary():
             (folder / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         log.info("warm start: %d SFT steps, final loss %.4f", len(history), history[-1]["loss"] if history else float("nan"))
     return _load(folder, cfg, mesh)
+
+
+def export_hf(model: CausalLM, folder: Path, tokenizer=None) -> None:
+    """``save_hf`` (and the tokenizer) into ``folder``, called by every process: params that span processes are
+    gathered, process 0 writes, and all return once the files are complete."""
+    if jax.process_count() > 1:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model = nnx.merge(graphdef, jax.tree.map(to_host, params), rest)
+    if is_primary():
+        save_hf(model, folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    sync("export_hf")
 
 
 def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State], mesh) -> tuple[nnx.GraphDef, nnx.State]:

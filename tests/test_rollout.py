@@ -142,3 +142,17 @@ def test_bad_arguments_raise():
         generate(tiny_model(), [[1]], max_new_tokens=2, pad_id=0, top_p=1.5)
     with pytest.raises(ValueError, match=r"token id 500 is outside the model's vocabulary \[0, 128\)"):
         generate(tiny_model(), [[1, 500]], max_new_tokens=2, pad_id=0)
+
+
+def test_prompts_split_over_the_mesh_batch_axes_give_the_same_samples():
+    from grpo_jax.mesh import make_mesh, shard_model
+
+    mesh = make_mesh(data=8)
+    model = shard_model(tiny_model(), mesh)
+    prompts = PROMPTS * 2  # 8 prompts: one per device
+    kw = dict(max_new_tokens=6, num_samples=2, temperature=1.0, pad_id=0, rng=3)
+    replicated, split = generate(model, prompts, **kw), generate(model, prompts, mesh=mesh, **kw)
+    assert replicated.completion_BxT.sharding.is_fully_replicated
+    assert split.completion_BxT.shape == (16, 6) and split.completion_BxT.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(split.completion_BxT, replicated.completion_BxT)
+    np.testing.assert_allclose(split.logprobs_BxT, replicated.logprobs_BxT, atol=1e-5)
