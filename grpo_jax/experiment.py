@@ -18,6 +18,7 @@ from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
+from grpo_jax.objectives import PAIRED
 from grpo_jax.presets import AlgoConfig
 from grpo_jax.rewards import RewardsConfig
 from grpo_jax.sft import SFTConfig
@@ -170,9 +171,9 @@ class ExperimentConfig:
         G, adv, kind = self.rollout.group_size, self.algo.advantage, self.algo.kind
         if self.train.kl_in_reward and kind != "grpo":
             raise ValueError(f"train.kl_in_reward is implemented for algo.kind=grpo only, got {kind!r}")
-        if kind in ("dpo", "hybrid") and G < 2:
+        if kind in PAIRED and G < 2:
             raise ValueError(f"algo.kind={kind} pairs the best and worst response of a group; use rollout.group_size >= 2")
-        if kind in ("dpo", "hybrid") and self.train.batch_prompts % self.train.micro_batches:
+        if kind in PAIRED and self.train.batch_prompts % self.train.micro_batches:
             raise ValueError(f"algo.kind={kind}: train.micro_batches={self.train.micro_batches} must divide "
                              f"train.batch_prompts={self.train.batch_prompts} (each micro-batch holds whole groups)")
         group_adv = kind != "ppo"  # ppo's advantages come from its critic

@@ -26,6 +26,7 @@ from grpo_jax.evaluation import decode_completions, encode_prompts, evaluate
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
 from grpo_jax.multihost import any_process, is_primary, sync, to_host
+from grpo_jax.objectives import PAIRED
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
@@ -120,7 +121,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     if kind == "ppo":
         policy = add_value_head(policy, mesh)
     graphdef, params = nnx.split(policy)
-    need_ref = cfg.algo.loss.beta > 0 or kind in ("dpo", "hybrid")
+    need_ref = cfg.algo.loss.beta > 0 or kind in PAIRED
     ref_graphdef, ref_params = load_reference(cfg, (graphdef, params), mesh) if need_ref else (graphdef, None)
 
     G, P = cfg.rollout.group_size, cfg.train.batch_prompts
@@ -134,8 +135,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                           temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
                           log_entropy=cfg.train.log_entropy, kind=kind,
                           ppo=cfg.algo.ppo if kind == "ppo" else None,
-                          dpo=cfg.algo.dpo if kind in ("dpo", "hybrid") else None,
-                          group_size=G if kind in ("dpo", "hybrid") else None)
+                          dpo=cfg.algo.dpo if kind in PAIRED else None,
+                          group_size=G if kind in PAIRED else None)
     state = init_train_state(params, optimizer)
     train_step = make_train_step(graphdef, optimizer, step_cfg, state_sharding=state_sharding(state))
     ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk)
@@ -200,7 +201,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             batch = build_batch(ro, adv_B, ref_fn, keep_B, cfg)
             if kind == "ppo":
                 batch = with_gae(batch, rewards_B, critic_values, state.params, cfg.algo.ppo)
-            elif kind in ("dpo", "hybrid"):
+            elif kind in PAIRED:
                 batch = batch.replace(rewards_B=jnp.asarray(rewards_B, jnp.float32))
             batch = shard_batch(batch, mesh)
             t1 = time.perf_counter()

@@ -131,8 +131,9 @@ def dpo() -> AlgoConfig:
 
 def hybrid() -> AlgoConfig:
     """GRPO+DPO hybrid on the same rollout batch: L = (1-α)·L_GRPO + α·L_DPO with α = 0.5, L_GRPO the ``grpo``
-    preset's objective (group-normalised advantages, clip 0.2, 0.04·k3 KL) and L_DPO the ``dpo`` preset's online
-    pairs loss (β = 0.1); see ``grpo_jax.losses.hybrid_loss``.
+    preset's objective (Shao et al. 2024, arXiv:2402.03300: group-normalised advantages, clip 0.2, 0.04·k3 KL) and
+    L_DPO the ``dpo`` preset's online-pairs loss (Rafailov et al. 2023, arXiv:2305.18290, β = 0.1). The weighted
+    sum is this codebase's combination, not a published recipe; see ``grpo_jax.losses.hybrid_loss``.
     """
     base = grpo()
     return dataclasses.replace(base, kind="hybrid", dpo=DPOConfig(beta=0.1, alpha=0.5))

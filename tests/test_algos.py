@@ -140,8 +140,8 @@ def run_loop(tmp_path, name, **sections):
 
     cfg = tiny_experiment(rewards=VARYING, mesh=ONE_DEVICE, eval={"num_examples": 0},
                           checkpoint={"every": 1, "async_save": False, "export_hf": True}, **sections)
-    train(from_dict(ExperimentConfig, cfg), tmp_path / name, show_progress=False)
-    return metrics(tmp_path / name)[1:]
+    summary = train(from_dict(ExperimentConfig, cfg), tmp_path / name, show_progress=False)
+    return metrics(tmp_path / name)[1:], summary
 
 
 def initial_params(tmp_path):
@@ -157,7 +157,7 @@ def initial_params(tmp_path):
                                                  ("dpo", ["dpo_loss", "dpo_reward_accuracy", "dpo_pairs"]),
                                                  ("hybrid", ["pg_loss", "kl", "dpo_loss", "dpo_reward_margin"])])
 def test_each_kind_trains_a_few_steps(tmp_path, preset, own_metrics):
-    rows = run_loop(tmp_path, preset, algo={"preset": preset}, train={"steps": 2, "batch_prompts": 4})
+    rows, _ = run_loop(tmp_path, preset, algo={"preset": preset}, train={"steps": 2, "batch_prompts": 4})
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert np.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0
@@ -169,10 +169,10 @@ def test_each_kind_trains_a_few_steps(tmp_path, preset, own_metrics):
 
 
 def test_ppo_resume_restores_the_value_head(tmp_path):
-    full = run_loop(tmp_path, "run", algo={"preset": "ppo"}, train={"steps": 3, "batch_prompts": 4})
+    full, _ = run_loop(tmp_path, "run", algo={"preset": "ppo"}, train={"steps": 3, "batch_prompts": 4})
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "3")  # as if killed after step 2's checkpoint
-    resumed = run_loop(tmp_path, "run", algo={"preset": "ppo"}, train={"steps": 3, "batch_prompts": 4})
+    resumed, summary = run_loop(tmp_path, "run", algo={"preset": "ppo"}, train={"steps": 3, "batch_prompts": 4})
     # step 3's value loss depends on the value head trained in steps 1-2: equal only if it was restored
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert summary["start_step"] == 2 and [r["step"] for r in resumed] == [1, 2, 3]
     np.testing.assert_allclose(resumed[-1]["train/vf_loss"], full[-1]["train/vf_loss"], rtol=1e-6)
     np.testing.assert_allclose(resumed[-1]["train/loss"], full[-1]["train/loss"], rtol=1e-6)

@@ -29,6 +29,6 @@ __all__ = [
     "AggMode", "DPOConfig", "DPOKind", "KLKind", "LossConfig", "PPOConfig", "PolicyKind", "aggregate", "aggregate_parts",
     "dpo_loss", "dpo_loss_parts", "finalize_dpo_stats", "finalize_objective_stats", "finalize_ppo_stats",
     "finalize_stats", "gae_advantages", "group_preference_pairs", "grpo_objective", "grpo_objective_parts",
-    "hybrid_loss", "kl_penalty", "masked_mean", "merge_stats", "online_dpo_parts", "policy_loss", "policy_loss_terms", "ppo_advantages",
-    "ppo_objective_parts", "sequence_logps", "terminal_rewards", "value_loss_terms", "whiten",
+    "hybrid_loss", "kl_penalty", "masked_mean", "merge_stats", "online_dpo_parts", "policy_loss", "policy_loss_terms",
+    "ppo_advantages", "ppo_objective_parts", "sequence_logps", "terminal_rewards", "value_loss_terms", "whiten",
 ]
