@@ -18,6 +18,7 @@ from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
+from grpo_jax.objectives import PAIRED
 from grpo_jax.presets import AlgoConfig
 from grpo_jax.rewards import RewardsConfig
 from grpo_jax.sft import SFTConfig
@@ -167,13 +168,21 @@ class ExperimentConfig:
     warm_start: WarmStartSection | None = None
 
     def __post_init__(self):
-        G, adv = self.rollout.group_size, self.algo.advantage
-        if G == 1 and adv.estimator == "group":
+        G, adv, kind = self.rollout.group_size, self.algo.advantage, self.algo.kind
+        if self.train.kl_in_reward and kind != "grpo":
+            raise ValueError(f"train.kl_in_reward is implemented for algo.kind=grpo only, got {kind!r}")
+        if kind in PAIRED and G < 2:
+            raise ValueError(f"algo.kind={kind} pairs the best and worst response of a group; use rollout.group_size >= 2")
+        if kind in PAIRED and self.train.batch_prompts % self.train.micro_batches:
+            raise ValueError(f"algo.kind={kind}: train.micro_batches={self.train.micro_batches} must divide "
+                             f"train.batch_prompts={self.train.batch_prompts} (each micro-batch holds whole groups)")
+        group_adv = kind != "ppo"  # ppo's advantages come from its critic
+        if group_adv and G == 1 and adv.estimator == "group":
             raise ValueError(
                 f"rollout.group_size=1 with advantage estimator 'group' (scale={adv.scale!r}) gives every sample "
                 "advantage 0; use group_size >= 2"
             )
-        if G == 1 and adv.estimator == "rloo":
+        if group_adv and G == 1 and adv.estimator == "rloo":
             raise ValueError("rollout.group_size=1 leaves RLOO no other sample for its baseline; use group_size >= 2")
         names = [f.name for f in self.rewards.fns]
         if self.eval.correct_reward is not None and self.eval.correct_reward not in names:

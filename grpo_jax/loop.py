@@ -20,11 +20,13 @@ from tqdm import tqdm
 from grpo_jax import config as config_lib
 from grpo_jax.advantages import compute_advantages, kl_reward_advantages
 from grpo_jax.checkpoint import Checkpointer, abstract_like
+from grpo_jax.critic import add_value_head, value_fn, with_gae
 from grpo_jax.data import OrderState, batch_at, build_splits
 from grpo_jax.evaluation import decode_completions, encode_prompts, evaluate
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
 from grpo_jax.multihost import any_process, is_primary, sync, to_host
+from grpo_jax.objectives import PAIRED
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
@@ -115,8 +117,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     pool = RewardPool(cfg.rewards.num_workers) if any(t.reward.isolated for t in terms) else None
     policy = build_policy(cfg, tokenizer, mesh)
     policy = warm_start(cfg, policy, tokenizer, splits.train, run_dir, mesh)
+    kind = cfg.algo.kind
+    if kind == "ppo":
+        policy = add_value_head(policy, mesh)
     graphdef, params = nnx.split(policy)
-    need_ref = cfg.algo.loss.beta > 0
+    need_ref = cfg.algo.loss.beta > 0 or kind in PAIRED
     ref_graphdef, ref_params = load_reference(cfg, (graphdef, params), mesh) if need_ref else (graphdef, None)
 
     G, P = cfg.rollout.group_size, cfg.train.batch_prompts
@@ -128,10 +133,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
         loss_cfg = dataclasses.replace(loss_cfg, beta=0.0)
     step_cfg = StepConfig(loss=loss_cfg, num_iterations=cfg.train.num_iterations, micro_batches=cfg.train.micro_batches,
                           temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
-                          log_entropy=cfg.train.log_entropy)
+                          log_entropy=cfg.train.log_entropy, kind=kind,
+                          ppo=cfg.algo.ppo if kind == "ppo" else None,
+                          dpo=cfg.algo.dpo if kind in PAIRED else None,
+                          group_size=G if kind in PAIRED else None)
     state = init_train_state(params, optimizer)
     train_step = make_train_step(graphdef, optimizer, step_cfg, state_sharding=state_sharding(state))
     ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk)
+    critic_values = value_fn(graphdef) if kind == "ppo" else None
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     refresh = cfg.train.ref_refresh_every is not None and need_ref
@@ -189,7 +198,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             adv_B = compute_advantages(jnp.asarray(rewards_B), G, cfg.algo.advantage)
             keep_B = dynamic_sampling_mask(rewards_B, G) if cfg.train.dynamic_sampling else jnp.ones(P * G, bool)
             ref_fn = (lambda t, m: ref_logprobs(ref_params, t, m)) if need_ref else None  # noqa: E731
-            batch = shard_batch(build_batch(ro, adv_B, ref_fn, keep_B, cfg), mesh)
+            batch = build_batch(ro, adv_B, ref_fn, keep_B, cfg)
+            if kind == "ppo":
+                batch = with_gae(batch, rewards_B, critic_values, state.params, cfg.algo.ppo)
+            elif kind in PAIRED:
+                batch = batch.replace(rewards_B=jnp.asarray(rewards_B, jnp.float32))
+            batch = shard_batch(batch, mesh)
             t1 = time.perf_counter()
             state, train_metrics = train_step(state, batch)
             train_metrics = jax.device_get(train_metrics)
@@ -204,7 +218,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                 ref_params = jax.tree.map(jnp.copy, state.params)  # the next step donates state.params
 
             correct_B = values[cfg.correct_reward] > 0
-            adv = np.asarray(adv_B)
+            adv = np.asarray(adv_B) if kind != "ppo" else to_host(batch.adv)[to_host(batch.loss_mask_BxS)]
             metrics |= {f"train/{k}": float(v) for k, v in train_metrics.items()}
             metrics |= _length_stats(lengths, correct_B, to_host(ro.finished_B))
             metrics |= {

@@ -10,13 +10,25 @@ import dataclasses
 from collections.abc import Callable
 
 from grpo_jax.advantages import AdvantageConfig
-from grpo_jax.losses import LossConfig
+from grpo_jax.losses import DPOConfig, LossConfig, PPOConfig
+from grpo_jax.losses.terms import check_choice
+from grpo_jax.objectives import AlgoKind
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AlgoConfig:
+    """``kind`` picks the objective: grpo (``loss`` on ``advantage``), ppo (``loss``'s clipped surrogate on GAE
+    advantages from a learned value head + ``ppo``'s value loss), dpo (``dpo`` on online pairs), hybrid
+    ((1-α)·GRPO + α·DPO on the same rollout batch). Sections a kind does not use are ignored."""
+
+    kind: AlgoKind = "grpo"
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+    def __post_init__(self):
+        check_choice("kind", self.kind, AlgoKind)
 
     @classmethod
     def from_preset(cls, name: str) -> AlgoConfig:
@@ -93,6 +105,40 @@ def cispo() -> AlgoConfig:
     )
 
 
+def ppo() -> AlgoConfig:
+    """PPO with a learned critic (Schulman et al. 2017, arXiv:1707.06347; the RLHF form of Ouyang et al. 2022): a
+    value head V on the policy's last hidden states, terminal reward r_i on the last completion token, GAE
+    (Schulman et al. 2016, arXiv:1506.02438) with γ = 1, λ = 0.95, advantages whitened over the batch's tokens:
+    δ_t = ρ_t + γV_{t+1} - V_t,  A_t = δ_t + γλA_{t+1},  R_t = A_t + V_t(old);
+    L = (1/Σ_i|o_i|) Σ_i Σ_t [-min(ρ_it A_it, clip(ρ_it, 0.8, 1.2) A_it) + 0.1·½max((V_it-R_it)², (V^clip_it-R_it)²)]
+    with V^clip = V_old + clip(V - V_old, -0.2, 0.2), no KL term.
+    """
+    return AlgoConfig(
+        kind="ppo",
+        loss=LossConfig(kind="grpo", clip_low=0.2, agg="token-mean", beta=0.0),
+        ppo=PPOConfig(gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, whiten_advantages=True),
+    )
+
+
+def dpo() -> AlgoConfig:
+    """Online DPO (Rafailov et al. 2023, arXiv:2305.18290; online pairs as in Guo et al. 2024, arXiv:2402.04792):
+    per rollout group the best response is chosen (c) and the worst rejected (r), groups with equal rewards are
+    skipped, and with h_p = (log π_θ(c_p) - log π_ref(c_p)) - (log π_θ(r_p) - log π_ref(r_p)):
+    L = -(1/|P|) Σ_p log σ(0.1·h_p). The reference model is required (the initial policy by default).
+    """
+    return AlgoConfig(kind="dpo", loss=LossConfig(beta=0.0), dpo=DPOConfig(beta=0.1))
+
+
+def hybrid() -> AlgoConfig:
+    """GRPO+DPO hybrid on the same rollout batch: L = (1-α)·L_GRPO + α·L_DPO with α = 0.5, L_GRPO the ``grpo``
+    preset's objective (Shao et al. 2024, arXiv:2402.03300: group-normalised advantages, clip 0.2, 0.04·k3 KL) and
+    L_DPO the ``dpo`` preset's online-pairs loss (Rafailov et al. 2023, arXiv:2305.18290, β = 0.1). The weighted
+    sum is this codebase's combination, not a published recipe; see ``grpo_jax.losses.hybrid_loss``.
+    """
+    base = grpo()
+    return dataclasses.replace(base, kind="hybrid", dpo=DPOConfig(beta=0.1, alpha=0.5))
+
+
 PRESETS: dict[str, Callable[[], AlgoConfig]] = {
-    f.__name__: f for f in (grpo, dr_grpo, dapo, bnpo, gspo, cispo)
+    f.__name__: f for f in (grpo, dr_grpo, dapo, bnpo, gspo, cispo, ppo, dpo, hybrid)
 }

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from grpo_jax.losses import LossConfig, aggregate_parts, finalize_objective_stats, grpo_objective_parts, merge_stats
+from grpo_jax import objectives
+from grpo_jax.critic import logprobs_and_values
+from grpo_jax.losses import DPOConfig, LossConfig, PPOConfig
 from grpo_jax.models import token_logprobs
+from grpo_jax.objectives import PAIRED, AlgoKind
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,10 +68,18 @@ class StepConfig:
     temperature: float = 1.0  # the rollout's sampling temperature (log-probs of softmax(logits / T))
     logprob_chunk: int = 128
     log_entropy: bool = True
+    kind: AlgoKind = "grpo"  # see grpo_jax.objectives
+    ppo: PPOConfig | None = None  # kind ppo: the policy needs a value head (grpo_jax.critic.add_value_head)
+    dpo: DPOConfig | None = None  # kind dpo / hybrid
+    group_size: int | None = None  # kind dpo / hybrid: rows of one rollout group are contiguous
 
     def __post_init__(self):
         if self.num_iterations < 1 or self.micro_batches < 1:
             raise ValueError(f"num_iterations and micro_batches must be >= 1, got {self.num_iterations}, {self.micro_batches}")
+        if self.kind == "ppo" and self.ppo is None:
+            raise ValueError("kind='ppo' needs ppo (a PPOConfig)")
+        if self.kind in PAIRED and (self.dpo is None or self.group_size is None or self.group_size < 2):
+            raise ValueError(f"kind={self.kind!r} needs dpo (a DPOConfig) and group_size >= 2, got {self.group_size}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 for training log-probs, got {self.temperature}")
 
@@ -88,6 +99,9 @@ class Batch(struct.PyTreeNode):
     old_logp_BxS: jax.Array  # rollout log-probs (used when μ > 1)
     ref_logp_BxS: jax.Array | None  # None when β = 0
     adv: jax.Array  # adv_B or token-level adv_BxS
+    old_values_BxS: jax.Array | None = None  # kind ppo: rollout-time critic values
+    returns_BxS: jax.Array | None = None  # kind ppo: GAE returns (value targets)
+    rewards_B: jax.Array | None = None  # kind dpo / hybrid: sequence rewards that rank each group's pair
 
 
 def _micro(x: jax.Array | None, m: int) -> jax.Array | None:
@@ -95,6 +109,11 @@ def _micro(x: jax.Array | None, m: int) -> jax.Array | None:
     if x is None:
         return None
     return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+
+
+def _micro_contiguous(x: jax.Array | None, m: int) -> jax.Array | None:
+    """[B, ...] -> [m, B/m, ...], micro-batch k = rows k·B/m ... (k+1)·B/m - 1 (whole groups, for online pairs)."""
+    return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig, *,
@@ -106,32 +125,37 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     is donated.
     """
     loss_cfg = cfg.loss
+    split = _micro_contiguous if cfg.kind in PAIRED else _micro
 
     def logps(params, mb: Batch, with_entropy: bool):
+        """(logp, entropy or None, values or None) from one decoder pass."""
         model = nnx.merge(graphdef, params)
-        out = token_logprobs(model, mb.tokens_BxS, mb.attn_mask_BxS, temperature=cfg.temperature,
-                             return_entropy=with_entropy, chunk_size=cfg.logprob_chunk)
-        return out if with_entropy else (out, None)
+        kw = dict(temperature=cfg.temperature, return_entropy=with_entropy, chunk_size=cfg.logprob_chunk)
+        if cfg.kind == "ppo":
+            return logprobs_and_values(model, mb.tokens_BxS, mb.attn_mask_BxS, **kw)
+        out = token_logprobs(model, mb.tokens_BxS, mb.attn_mask_BxS, **kw)
+        return (out if with_entropy else (out, None)) + (None,)
 
-    def micro_loss(params, mb: Batch, den, on_policy: bool):
-        logp, entropy = logps(params, mb, cfg.log_entropy)
+    def micro_loss(params, mb: Batch, dens, on_policy: bool):
+        logp, entropy, values = logps(params, mb, cfg.log_entropy)
         old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp_BxS
-        num, _, stats = grpo_objective_parts(logp, old, mb.ref_logp_BxS, mb.adv, mb.loss_mask_BxS, loss_cfg)
+        loss, stats = objectives.micro_objective(cfg.kind, loss_cfg, cfg.ppo, cfg.dpo, cfg.group_size, logp, old,
+                                                 values, mb, dens)
         if entropy is not None:
-            stats["entropy_sum"] = jnp.sum(jnp.where(mb.loss_mask_BxS, jax.lax.stop_gradient(entropy), 0.0))
-        return num / den, stats
+            stats["pg"]["entropy_sum"] = jnp.sum(jnp.where(mb.loss_mask_BxS, jax.lax.stop_gradient(entropy), 0.0))
+        return loss, stats
 
     def update(state: TrainState, batch: Batch, den, on_policy: bool):
         if cfg.micro_batches == 1:
             (loss, stats), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, batch, den, on_policy)
         else:
-            mbs = jax.tree.map(lambda x: _micro(x, cfg.micro_batches), batch)
+            mbs = jax.tree.map(lambda x: split(x, cfg.micro_batches), batch)
 
             def body(acc, mb):
                 (loss_k, stats_k), g_k = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb, den, on_policy)
                 if acc is None:
                     return (loss_k, stats_k, g_k)
-                return (acc[0] + loss_k, merge_stats(acc[1], stats_k), jax.tree.map(jnp.add, acc[2], g_k))
+                return (acc[0] + loss_k, objectives.merge(acc[1], stats_k), jax.tree.map(jnp.add, acc[2], g_k))
 
             first = body(None, jax.tree.map(lambda x: x[0], mbs))
             rest = jax.tree.map(lambda x: x[1:], mbs)
@@ -142,18 +166,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
         # a non-finite loss or gradient refuses the update: the state stays exactly as it was
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-        metrics = finalize_objective_stats(stats)
+        metrics = objectives.finalize(cfg.kind, stats)
         metrics |= {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
-        return new, metrics  # entropy_sum -> entropy (token mean) in finalize_objective_stats
+        return new, metrics  # entropy_sum -> entropy (token mean) in objectives.finalize
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
     def train_step(state: TrainState, batch: Batch):
         B = batch.tokens_BxS.shape[0]
         if B % cfg.micro_batches:
             raise ValueError(f"batch of {B} rows is not divisible into micro_batches={cfg.micro_batches}")
-        den = aggregate_parts(jnp.zeros(batch.loss_mask_BxS.shape), batch.loss_mask_BxS, loss_cfg.agg,
-                              norm_len=loss_cfg.norm_len)[1]
-        den = jnp.where(den > 0, den, 1.0)
+        if cfg.kind in PAIRED and (B // cfg.micro_batches) % cfg.group_size:
+            raise ValueError(f"kind={cfg.kind}: micro-batches of {B // cfg.micro_batches} rows must hold whole groups "
+                             f"of group_size={cfg.group_size} (online pairs are formed inside a micro-batch)")
+        den = objectives.denominators(cfg.kind, loss_cfg, batch, cfg.group_size)
         if cfg.num_iterations == 1:  # on-policy: old = sg(current) makes the first ratio exactly 1
             return update(state, batch, den, on_policy=True)
 

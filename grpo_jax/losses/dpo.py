@@ -6,6 +6,7 @@ log-probs are ``sequence_logps`` of the completion tokens under the trained poli
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -14,6 +15,30 @@ import jax.numpy as jnp
 from grpo_jax.losses.terms import as_f32, as_mask, check_choice, safe_divide
 
 DPOKind = Literal["sigmoid", "ipo"]
+PairSource = Literal["online"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    """Preference side of ``algo.kind`` dpo / hybrid: ``dpo_loss`` settings (``beta``, ``label_smoothing``,
+    ``kind``), the hybrid weight ``alpha`` (``hybrid_loss``) and where pairs come from (``pairs="online"``: the best
+    and worst response of each rollout group, ``group_preference_pairs``)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    kind: DPOKind = "sigmoid"
+    alpha: float = 0.5
+    pairs: PairSource = "online"
+
+    def __post_init__(self):
+        check_choice("kind", self.kind, DPOKind)
+        check_choice("pairs", self.pairs, PairSource)
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5 or (self.kind == "ipo" and self.label_smoothing):
+            raise ValueError(f"label_smoothing must be in [0, 0.5) and applies to kind='sigmoid' only, got {self.label_smoothing}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
 def sequence_logps(logp_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
@@ -139,3 +164,20 @@ def hybrid_loss(grpo_loss: jax.Array, dpo_loss: jax.Array, *, alpha: float) -> j
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return (1.0 - alpha) * jnp.asarray(grpo_loss, jnp.float32) + alpha * jnp.asarray(dpo_loss, jnp.float32)
+
+
+def online_dpo_parts(
+    logp_BxT: jax.Array,
+    ref_logp_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    rewards_B: jax.Array,
+    group_size: int,
+    cfg: DPOConfig,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``dpo_loss_parts`` on the online pairs of group-contiguous rollouts: ``group_preference_pairs`` picks each
+    group's best (chosen) and worst (rejected) row, whose ``sequence_logps`` over ``mask_BxT`` (the completion tokens)
+    under the policy and the reference enter the loss; constant groups are left out."""
+    chosen_P, rejected_P, valid_P = group_preference_pairs(rewards_B, group_size)
+    seq_B, ref_B = sequence_logps(logp_BxT, mask_BxT), sequence_logps(ref_logp_BxT, mask_BxT)
+    return dpo_loss_parts(seq_B[chosen_P], seq_B[rejected_P], ref_B[chosen_P], ref_B[rejected_P], beta=cfg.beta,
+                          label_smoothing=cfg.label_smoothing, kind=cfg.kind, valid_P=valid_P)

@@ -52,8 +52,15 @@ def token_logprobs(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    B, T = tokens_BxT.shape
     hidden_BxTxE = model.hidden_states(tokens_BxT, positions_BxT, mask_BxT)
+    return logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, model.lm_head_ExV(), temperature=temperature,
+                                return_entropy=return_entropy, chunk_size=chunk_size)
+
+
+def logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, w_ExV, *, temperature, return_entropy, chunk_size):
+    """``token_logprobs`` from the decoder's final hidden states and the output projection ``w_ExV`` (so a caller
+    that also needs the hidden states, e.g. a value head, runs the decoder once)."""
+    B, T = tokens_BxT.shape
     n = T - 1
     chunk = min(chunk_size, max(n, 1))
     n_chunks = -(-n // chunk)
@@ -61,7 +68,6 @@ def token_logprobs(
     h_NxBxCxE = jnp.pad(hidden_BxTxE[:, :-1], ((0, 0), (0, pad), (0, 0)))
     h_NxBxCxE = h_NxBxCxE.reshape(B, n_chunks, chunk, -1).transpose(1, 0, 2, 3)
     targets_NxBxC = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).transpose(1, 0, 2)
-    w_ExV = model.lm_head_ExV()
     inv_temperature = 1.0 / jnp.asarray(temperature, jnp.float32)
 
     @jax.checkpoint
