@@ -139,7 +139,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                           group_size=G if kind in PAIRED else None)
     state = init_train_state(params, optimizer)
     train_step = make_train_step(graphdef, optimizer, step_cfg, state_sharding=state_sharding(state))
-    ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk)
+    ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches)
     critic_values = value_fn(graphdef) if kind == "ppo" else None
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)

@@ -108,9 +108,9 @@ def sample(graphdef, state, prompt_PxL, prompt_mask_PxL, key, *, cfg: SamplingCo
     P, L = prompt_PxL.shape
     G, T = cfg.num_samples, cfg.max_new_tokens
     cache = KVCache.init(model.config, P, L + T)
-    logits_PxLxV, cache = model(prompt_PxL, attention_mask_BxT=prompt_mask_PxL, cache=cache)
+    hidden_PxLxE, cache = model.hidden_states(prompt_PxL, attention_mask_BxT=prompt_mask_PxL, cache=cache)
     cache = cache.repeat(G)
-    logits_BxV = jnp.repeat(logits_PxLxV[:, -1], G, axis=0)
+    logits_BxV = jnp.repeat(model.logits(hidden_PxLxE[:, -1]), G, axis=0)  # the vocab projection of the last slot only
     layers = model.model.split_layers()  # per-layer weight slices made once, not on every decode step
     B = P * G
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)

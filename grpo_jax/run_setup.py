@@ -90,12 +90,22 @@ def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State]
     return nnx.split(_load(cfg.model.ref_path, cfg, mesh))
 
 
-def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int):
-    """Jitted ``(params, tokens_BxS, mask_BxS) -> logps_BxS`` for a frozen model (the reference)."""
+def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int, micro_batches: int = 1):
+    """Jitted ``(params, tokens_BxS, mask_BxS) -> logps_BxS`` for a frozen model (the reference), computed one
+    micro-batch at a time (rows k, k+m, k+2m, ... as in the train step), so its activations are those of a
+    micro-batch, not of the whole batch."""
+
+    def one(params, tokens_BxS, mask_BxS):
+        model = nnx.merge(graphdef, params)
+        return token_logprobs(model, tokens_BxS, mask_BxS, temperature=temperature, chunk_size=chunk_size)
 
     @jax.jit
     def fn(params, tokens_BxS, mask_BxS):
-        model = nnx.merge(graphdef, params)
-        return token_logprobs(model, tokens_BxS, mask_BxS, temperature=temperature, chunk_size=chunk_size)
+        B, S = tokens_BxS.shape
+        if micro_batches == 1:
+            return one(params, tokens_BxS, mask_BxS)
+        split = lambda x: x.reshape(B // micro_batches, micro_batches, S).swapaxes(0, 1)  # noqa: E731
+        logps = jax.lax.map(lambda xs: one(params, *xs), (split(tokens_BxS), split(mask_BxS)))
+        return logps.swapaxes(0, 1).reshape(B, S)
 
     return fn

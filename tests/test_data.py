@@ -183,3 +183,12 @@ def test_no_carry_answer_drops_every_carry():
     ex = arith_examples(50, 2, seed=0, ops="+")
     assert all("no_carry_answer" in e for e in ex)
     assert "no_carry_answer" not in arith_examples(1, 2, seed=0, ops="-")[0]
+
+
+def test_units_slip_answer_adds_one_to_the_last_digit_only():
+    from grpo_jax.data.synthetic import _units_slip
+
+    # 85 -> 86; 89 -> 80 (9 wraps to 0, no carry into the tens); 9 -> 0; -12 -> -13 (the digit, not the value)
+    assert [_units_slip(a) for a in ("85", "89", "9", "-12", "100")] == ["86", "80", "0", "-13", "101"]
+    ex = arith_examples(100, 2, seed=0, ops="+-")
+    assert all(e["units_slip_answer"] == _units_slip(e["answer"]) != e["answer"] for e in ex)

@@ -64,6 +64,20 @@ def test_countdown_r1_runs_a_few_grpo_steps(tmp_path):
     assert "eval/accuracy" in summary["final_eval"]
 
 
+@pytest.mark.slow
+def test_arith_tiny_shortened_raises_the_sampled_accuracy(tmp_path):
+    """The default experiment at a fraction of its length (800 warm-start steps instead of 2500, 30 GRPO steps):
+    GRPO removes the warm start's units-digit slip, so the training accuracy rises."""
+    folder = Path(__file__).parents[1] / "experiments" / "arith_tiny"
+    cfg = load_experiment(folder, ["warm_start.sft.steps=800", "train.steps=30", "eval.num_examples=0", "mesh.num_devices=1",
+                                   "checkpoint.every=100", "checkpoint.export_hf=false"])
+    train(cfg, tmp_path / "run", show_progress=False)
+    accuracy = [r["accuracy"] for r in metrics(tmp_path / "run") if "accuracy" in r]
+    assert len(accuracy) == 30
+    first, last = sum(accuracy[:5]) / 5, sum(accuracy[-10:]) / 10  # 5 x 256 and 10 x 256 samples
+    assert last > first + 0.03, (first, last)
+
+
 def test_flawed_warm_start_targets_are_systematic():
     from grpo_jax.data import arith_examples
     from grpo_jax.experiment import WarmStartSection

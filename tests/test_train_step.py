@@ -97,3 +97,14 @@ def test_kl_in_reward_advantage_hand_computed():
     logp = jnp.array([[0.1, 0.2, 0.3, 9.0]])
     adv = kl_reward_advantages(jnp.array([1.0]), logp, jnp.zeros((1, 4)), jnp.array([[1, 1, 1, 0]]), 0.5)
     np.testing.assert_allclose(adv, [[0.7, 0.75, 0.85, 0.0]], rtol=1e-6)
+
+
+def test_reference_logprobs_per_micro_batch_equal_the_whole_batch():
+    from grpo_jax.run_setup import logprob_fn
+
+    graphdef, params = tiny()
+    b = batch()
+    whole = logprob_fn(graphdef, 1.0, 128)(params, b.tokens_BxS, b.attn_mask_BxS)
+    for m in (2, 4):
+        per_micro = logprob_fn(graphdef, 1.0, 128, micro_batches=m)(params, b.tokens_BxS, b.attn_mask_BxS)
+        np.testing.assert_allclose(np.asarray(per_micro), np.asarray(whole), atol=1e-6)

@@ -24,8 +24,9 @@ def arith_examples(
     the exact integer value. ``digits`` (max digits of each operand, e.g. (2, 1) for ``47 + 8``) overrides the
     operand count and sizes of ``difficulty``.
 
-    Example fields: question, answer (str), expression; for pure additions also no_carry_answer (the answer with
-    carries dropped, a systematic error for warm-start data with a known flaw).
+    Example fields: question, answer (str), expression, units_slip_answer (the answer with its units digit one too
+    high, 9 wrapping to 0: 47 + 38 -> 86, 41 + 48 -> 80) and, for pure additions, no_carry_answer (carries dropped:
+    47 + 38 -> 75). The two slips are systematic errors for warm-start data with a known flaw.
     """
     if not digits:
         operands, size = _level(ARITH_LEVELS, difficulty, "arith")
@@ -37,11 +38,18 @@ def arith_examples(
         chosen = [rng.choice(ops) for _ in range(len(digits) - 1)]
         expression = terms[0] + "".join(f" {op} {t}" for op, t in zip(chosen, terms[1:]))
         value = eval_arithmetic(parse_arithmetic(expression))
-        example = {"question": f"What is {expression}?", "answer": str(int(value)), "expression": expression}
+        answer = str(int(value))
+        example = {"question": f"What is {expression}?", "answer": answer, "expression": expression,
+                   "units_slip_answer": _units_slip(answer)}
         if set(chosen) == {"+"}:
             example["no_carry_answer"] = _no_carry_sum(terms)
         examples.append(example)
     return examples
+
+
+def _units_slip(answer: str) -> str:
+    """The units digit one too high, 9 wrapping to 0 without a carry: 85 -> 86, 89 -> 80, -12 -> -13."""
+    return answer[:-1] + str((int(answer[-1]) + 1) % 10)
 
 
 def _no_carry_sum(terms: list[str]) -> str:
