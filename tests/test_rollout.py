@@ -110,16 +110,22 @@ def test_same_seed_same_output_and_samples_in_a_group_differ():
 
 def test_prefill_runs_once_per_prompt(monkeypatch):
     calls = []
-    original = CausalLM.__call__
 
-    def recording(self, tokens_BxT, *args, **kwargs):
-        calls.append(tuple(tokens_BxT.shape))
-        return original(self, tokens_BxT, *args, **kwargs)
+    def recording(method):
+        original = getattr(CausalLM, method)
 
-    monkeypatch.setattr(CausalLM, "__call__", recording)
+        def record(self, tokens_BxT, *args, **kwargs):
+            calls.append((method, tuple(tokens_BxT.shape)))
+            return original(self, tokens_BxT, *args, **kwargs)
+
+        monkeypatch.setattr(CausalLM, method, record)
+
+    recording("__call__")
+    recording("hidden_states")
     generate(tiny_model(), PROMPTS, max_new_tokens=5, num_samples=6, pad_id=0, rng=0)  # new static config: traced
-    # one prefill of the 4 prompts (bucketed to 4 rows x 8 tokens), then one-token decode steps on 4*6 rows
-    assert calls == [(4, 8), (24, 1)]
+    # one prefill of the 4 prompts (bucketed to 4 rows x 8 tokens; hidden states, the vocab projection of the last
+    # slot only), then one-token decode steps on 4*6 rows
+    assert calls == [("hidden_states", (4, 8)), ("__call__", (24, 1))]
 
 
 def test_compilations_bounded_by_buckets():
