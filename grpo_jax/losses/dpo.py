@@ -60,13 +60,7 @@ def dpo_loss_parts(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(Σ_p v_p ℓ_p, Σ_p v_p, stats) of ``dpo_loss``: sum both parts over micro-batches of pairs (``merge_stats``
     the stats) and divide once for the exact full-batch loss; ``finalize_dpo_stats`` gives the metrics."""
-    check_choice("kind", kind, DPOKind)
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5 or (kind == "ipo" and label_smoothing):
-        raise ValueError(
-            f"label_smoothing must be in [0, 0.5) and applies to kind='sigmoid' only; got {label_smoothing} with {kind!r}"
-        )
+    DPOConfig(beta=beta, label_smoothing=label_smoothing, kind=kind)  # the same checks as the config's
     pc = as_f32("policy_chosen_logp_P", policy_chosen_logp_P)
     if pc.ndim != 1:
         raise ValueError(f"policy_chosen_logp_P must be 1-D (P,), got shape {pc.shape}")
