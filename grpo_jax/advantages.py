@@ -213,29 +213,37 @@ def normalized_advantages(
     return jnp.where(valid_B, adv_B, 0.0)
 
 
-def _dispatch(rewards_B, group_size: int, cfg: AdvantageConfig, running: RunningMoments | None) -> jax.Array:
+def _dispatch(rewards_B, group_size, cfg: AdvantageConfig, running, group_ids_B, num_groups) -> jax.Array:
+    ragged = dict(group_ids_B=group_ids_B, num_groups=num_groups)
     if cfg.estimator == "rloo":
-        return rloo_advantages(rewards_B, group_size)
-    return normalized_advantages(rewards_B, group_size, baseline=cfg.baseline, scale=cfg.scale, eps=cfg.eps, running=running)
+        return rloo_advantages(rewards_B, group_size, **ragged)
+    return normalized_advantages(rewards_B, group_size, baseline=cfg.baseline, scale=cfg.scale, eps=cfg.eps,
+                                 running=running, **ragged)
 
 
-def compute_advantages(rewards_B: jax.Array, group_size: int, cfg: AdvantageConfig) -> jax.Array:
-    """Dispatch on ``cfg.estimator``, ``cfg.baseline`` and ``cfg.scale``; a config with running statistics
-    (``cfg.stateful``) needs ``compute_advantages_with_state``."""
+def compute_advantages(
+    rewards_B: jax.Array, group_size: int | None, cfg: AdvantageConfig, *,
+    group_ids_B: jax.Array | None = None, num_groups: int | None = None,
+) -> jax.Array:
+    """Dispatch on ``cfg.estimator``, ``cfg.baseline`` and ``cfg.scale`` (ragged groups: ``group_ids_B`` and
+    ``num_groups`` as in ``group_advantages``); a config with running statistics (``cfg.stateful``) needs
+    ``compute_advantages_with_state``."""
     if cfg.stateful:
         raise ValueError(f"baseline={cfg.baseline!r}, scale={cfg.scale!r} use running statistics carried across steps; "
                          "call compute_advantages_with_state(rewards_B, group_size, cfg, state)")
-    return _dispatch(rewards_B, group_size, cfg, None)
+    return _dispatch(rewards_B, group_size, cfg, None, group_ids_B, num_groups)
 
 
 def compute_advantages_with_state(
-    rewards_B: jax.Array, group_size: int, cfg: AdvantageConfig, state: RunningMoments
+    rewards_B: jax.Array, group_size: int | None, cfg: AdvantageConfig, state: RunningMoments, *,
+    group_ids_B: jax.Array | None = None, num_groups: int | None = None,
 ) -> tuple[jax.Array, RunningMoments]:
-    """(adv_B, new_state): fold the batch into ``state`` (``running_moments_update`` with ``cfg.momentum``), then
-    ``compute_advantages`` with the updated moments. The state is updated for every config. Start from
-    ``RunningMoments.zeros()``; the loop keeps (and checkpoints) the returned state."""
-    new_state = running_moments_update(state, rewards_B, momentum=cfg.momentum)
-    return _dispatch(rewards_B, group_size, cfg, new_state), new_state
+    """(adv_B, new_state): fold the batch's valid rewards into ``state`` (``running_moments_update`` with
+    ``cfg.momentum``), then ``compute_advantages`` with the updated moments. The state is updated for every config.
+    Start from ``RunningMoments.zeros()``; the loop keeps (and checkpoints) the returned state."""
+    valid_B = None if group_ids_B is None else (jnp.asarray(group_ids_B) >= 0) & (jnp.asarray(group_ids_B) < num_groups)
+    new_state = running_moments_update(state, rewards_B, momentum=cfg.momentum, valid_B=valid_B)
+    return _dispatch(rewards_B, group_size, cfg, new_state, group_ids_B, num_groups), new_state
 
 
 def kl_reward_advantages(

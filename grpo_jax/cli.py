@@ -143,6 +143,14 @@ def _folder_tokenizer(folder: Path, cfg):
     return load_tokenizer(cfg.model)
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from grpo_jax.ablate import ablate
+
+    _enable_compilation_cache()
+    print(json.dumps(ablate(args.experiment, out=args.out, quick=args.quick, overrides=args.overrides)))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     names = args.names or sorted(presets.PRESETS)
     for name in names:
@@ -165,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiments/<name>: the task, rewards and eval settings")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("ablate", help="run an experiment's ablation.yaml grid; write results.md and plots")
+    p.add_argument("experiment", help="experiments/<name> holding config.yaml and ablation.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument("--out", help="runs and report go here (default runs/<name>, runs/<name>_quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="the grid with ablation.yaml's quick overrides (a smoke run)")
+    p.set_defaults(func=_cmd_ablate)
     p = sub.add_parser("presets", help="print the algorithm presets (formula, source, resolved config)")
     p.add_argument("names", nargs="*", help=f"any of {sorted(presets.PRESETS)} (default: all)")
     p.set_defaults(func=_cmd_presets)

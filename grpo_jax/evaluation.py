@@ -32,6 +32,15 @@ def correctness(rewards: RewardsConfig, name: str, prompts, completions, example
     return values[name] > 0
 
 
+def accuracy_by_level(correct_B: np.ndarray, examples: Sequence[dict], prefix: str) -> dict[str, float]:
+    """``{prefix}/level_<k>``: the mean of ``correct_B`` over the samples whose example has ``level`` k (synthetic
+    tasks); empty when the examples carry no level."""
+    if not examples or "level" not in examples[0]:
+        return {}
+    levels_B = np.array([ex["level"] for ex in examples])
+    return {f"{prefix}/level_{k}": float(correct_B[levels_B == k].mean()) for k in np.unique(levels_B)}
+
+
 def evaluate(
     model: CausalLM,
     tokenizer,
@@ -48,7 +57,7 @@ def evaluate(
     mesh: Mesh | None = None,
     min_prompt_bucket: int = 16,
 ) -> dict[str, float]:
-    """``eval/accuracy`` (greedy), ``eval/length`` and, with pass_k > 0, ``eval/pass@k`` (any of k samples correct)
+    """``eval/accuracy`` (greedy; ``eval/accuracy/level_<k>`` per difficulty level), ``eval/length`` and, with pass_k > 0, ``eval/pass@k`` (any of k samples correct)
     and ``eval/mean@k`` (mean sample accuracy) over ``examples``, in fixed-size batches (few compilations).
     ``mesh``: the model's mesh; generation is split over its batch axes (see ``generate``)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -71,7 +80,9 @@ def evaluate(
                                rep(chunk), pass_k, pool).reshape(-1, pass_k)
             any_k.append(ok_k.any(axis=1))
             mean_k.append(ok_k.mean(axis=1))
-    out = {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/length": float(np.concatenate(lengths).mean())}
+    correct_all = np.concatenate(correct)
+    out = {"eval/accuracy": float(correct_all.mean()), "eval/length": float(np.concatenate(lengths).mean()),
+           **accuracy_by_level(correct_all, examples, "eval/accuracy")}
     if pass_k:
         out[f"eval/pass@{pass_k}"] = float(np.concatenate(any_k).mean())
         out[f"eval/mean@{pass_k}"] = float(np.concatenate(mean_k).mean())

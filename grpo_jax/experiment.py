@@ -16,11 +16,12 @@ import numpy as np
 
 from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
+from grpo_jax.group_size import DynamicGroupConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
 from grpo_jax.objectives import PAIRED
 from grpo_jax.presets import AlgoConfig
-from grpo_jax.rewards import RewardsConfig
+from grpo_jax.rewards import RewardsConfig, get_reward
 from grpo_jax.sft import SFTConfig
 from grpo_jax.train_step import OptimConfig
 
@@ -53,31 +54,45 @@ class WarmStartSection:
     ``flawed_target`` with ``flawed_fraction`` = f: a seeded fraction f of the distinct training questions get
     ``flawed_target.format(**example)`` instead (e.g. arith's ``{no_carry_answer}``), always the same ones: warm-start
     data with a systematic error, which imitation learns and a verifiable reward can remove.
+
+    ``tail_max`` = K > 0 appends ``tail_char`` repeated k times to each target, k drawn uniformly from 0..K once per
+    question (seeded from ``sft.seed``): demonstrations whose length varies but carries no information about
+    correctness, so any later drift of the length of correct vs incorrect responses comes from the RL objective (the
+    length-bias ablation). The tail follows the answer, so its length can depend on the answer chosen.
     """
 
     sft: SFTConfig
     target: str = "{answer}"
     flawed_target: str | None = None
     flawed_fraction: float = 0.0
+    tail_max: int = 0
+    tail_char: str = "."
 
     def __post_init__(self):
         if not 0.0 <= self.flawed_fraction <= 1.0:
             raise ValueError(f"flawed_fraction must be in [0, 1], got {self.flawed_fraction}")
         if (self.flawed_target is None) != (self.flawed_fraction == 0.0):
             raise ValueError("set flawed_target and a flawed_fraction > 0 together (or neither)")
+        if self.tail_max < 0:
+            raise ValueError(f"warm_start.tail_max must be >= 0, got {self.tail_max}")
+        if len(self.tail_char) != 1 or self.tail_char.isdigit() or self.tail_char.isspace():
+            raise ValueError(f"warm_start.tail_char must be one non-digit, non-space character, got {self.tail_char!r}")
 
     def completion_fn(self, examples: list[dict]):
         """example -> SFT target text, with the flawed questions chosen once from ``sft.seed``."""
         questions = sorted({ex["question"] for ex in examples})
-        chosen = np.random.default_rng(self.sft.seed).random(len(questions)) < self.flawed_fraction
+        rng = np.random.default_rng(self.sft.seed)
+        chosen = rng.random(len(questions)) < self.flawed_fraction
         flawed = {q for q, c in zip(questions, chosen) if c}
+        tails = dict(zip(questions, rng.integers(0, self.tail_max + 1, len(questions)))) if self.tail_max else {}
 
         def target(ex: dict) -> str:
             template = self.flawed_target if ex["question"] in flawed else self.target
             try:
-                return template.format(**ex)
+                text = template.format(**ex)
             except KeyError as e:
                 raise ValueError(f"warm_start target {template!r} uses field {e}; the examples have {sorted(ex)}") from None
+            return text + self.tail_char * int(tails.get(ex["question"], 0))
 
         return target
 
@@ -90,6 +105,7 @@ class RolloutSection:
     top_k: int | None = None
     top_p: float | None = None
     min_prompt_bucket: int = 16
+    dynamic_group: DynamicGroupConfig | None = None  # per-prompt group sizes within the same P·G rows
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1 or not self.temperature > 0:
@@ -107,6 +123,8 @@ class TrainSection:
     dynamic_sampling: bool = False  # DAPO: zero-variance groups carry no loss (and no denominator)
     log_entropy: bool = True
     logprob_chunk: int = 128
+    grad_variance: bool = False  # log train/grad_var, train/grad_rel_var over the micro-batches (whole prompts)
+    log_memory: bool = False  # log memory/* (XLA's memory analysis of the compiled train step) at the first step
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_prompts < 1 or self.num_iterations < 1 or self.micro_batches < 1:
@@ -189,6 +207,22 @@ class ExperimentConfig:
             raise ValueError(f"eval.correct_reward={self.eval.correct_reward!r} is not in rewards.fns {names}")
         if self.train.ref_refresh_every is not None and self.model.ref_path is not None:
             raise ValueError("train.ref_refresh_every copies the policy into the reference; it cannot be used with model.ref_path")
+        if self.train.grad_variance and self.train.micro_batches < 2:
+            raise ValueError("train.grad_variance compares micro-batch gradients; set train.micro_batches >= 2")
+        if adv.token_alpha > 0 and (kind != "grpo" or self.train.kl_in_reward):
+            raise ValueError("algo.advantage.token_alpha adds the KL return-to-go to GRPO's advantages: it needs "
+                             f"algo.kind=grpo and train.kl_in_reward=false (got {kind!r}, {self.train.kl_in_reward})")
+        dyn = self.rollout.dynamic_group
+        if dyn is not None:
+            if kind != "grpo" or self.train.dynamic_sampling or self.train.micro_batches > 1:
+                raise ValueError("rollout.dynamic_group works with algo.kind=grpo, train.dynamic_sampling=false and "
+                                 "train.micro_batches=1 (ragged groups)")
+            if dyn.min_size > G:
+                raise ValueError(f"rollout.dynamic_group.min_size={dyn.min_size} must be <= rollout.group_size={G} "
+                                 "(the step still has batch_prompts * group_size rows)")
+            group_rewards = [f.name for f in self.rewards.fns if get_reward(f.name).kind != "sample"]
+            if group_rewards:
+                raise ValueError(f"rollout.dynamic_group: group/batch rewards {group_rewards} need fixed groups")
         if self.train.kl_in_reward and self.algo.loss.beta == 0:
             raise ValueError("train.kl_in_reward needs algo.loss.beta > 0 (the KL coefficient)")
 

@@ -18,11 +18,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from grpo_jax import config as config_lib
-from grpo_jax.advantages import compute_advantages, kl_reward_advantages
+from grpo_jax.advantages import compute_advantages_with_state, kl_reward_advantages
+from grpo_jax.baselines import RunningMoments
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.critic import add_value_head, value_fn, with_gae
 from grpo_jax.data import OrderState, batch_at, build_splits
-from grpo_jax.evaluation import decode_completions, encode_prompts, evaluate
+from grpo_jax.evaluation import accuracy_by_level, decode_completions, encode_prompts, evaluate
+from grpo_jax.group_size import GroupHistory, ragged_group_ids
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
 from grpo_jax.multihost import any_process, is_primary, sync, to_host
@@ -30,7 +32,8 @@ from grpo_jax.objectives import PAIRED
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
-from grpo_jax.tracking import MetricsWriter, compile_count
+from grpo_jax.token_advantages import multiscale_advantages, reward_to_go
+from grpo_jax.tracking import MetricsWriter, compile_count, compiled_memory
 from grpo_jax.train_step import (
     Batch,
     StepConfig,
@@ -77,9 +80,11 @@ def _write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
         path.write_text(text)
 
 
-def build_batch(ro, adv_B, ref_logprobs, keep_B, cfg: ExperimentConfig) -> Batch:
+def build_batch(ro, adv_B, ref_logprobs, keep_B, cfg: ExperimentConfig, group_ids_B=None) -> Batch:
     """Prompt+completion arrays [B, S]; loss on completion tokens of kept rows only. ``ref_logprobs``
-    ((tokens, mask) -> logps, or None when β = 0) scores the same concatenated sequences."""
+    ((tokens, mask) -> logps, or None when no reference is needed) scores the same concatenated sequences.
+    ``algo.advantage.token_alpha`` > 0 adds the KL return-to-go, A_it = A_i + α·ã_it with ã from
+    u_it = -Σ_{t'>=t} (logp_it' - ref_it') (``multiscale_advantages``, normalised by ``token_norm``)."""
     tokens = jnp.concatenate([ro.prompt_BxP, ro.completion_BxT], axis=1)
     attn = jnp.concatenate([ro.prompt_mask_BxP, ro.completion_mask_BxT], axis=1)
     loss_mask = jnp.concatenate([jnp.zeros_like(ro.prompt_mask_BxP), ro.completion_mask_BxT & keep_B[:, None]], axis=1)
@@ -89,6 +94,14 @@ def build_batch(ro, adv_B, ref_logprobs, keep_B, cfg: ExperimentConfig) -> Batch
     if cfg.train.kl_in_reward:
         adv = kl_reward_advantages(adv_B, old_logp, ref_logp, loss_mask, cfg.algo.loss.beta)
         ref_logp = None
+    adv_cfg = cfg.algo.advantage
+    if adv_cfg.token_alpha > 0:
+        k1 = jnp.where(loss_mask, old_logp - ref_logp, 0.0)
+        groups = (dict(group_size=None, group_ids_B=group_ids_B, num_groups=cfg.train.batch_prompts)
+                  if group_ids_B is not None else dict(group_size=cfg.rollout.group_size))
+        adv = multiscale_advantages(adv, -reward_to_go(k1, loss_mask), loss_mask, alpha=adv_cfg.token_alpha,
+                                    normalize=adv_cfg.token_norm, **groups)
+        ref_logp = ref_logp if cfg.algo.loss.beta > 0 else None
     return Batch(tokens_BxS=tokens, attn_mask_BxS=attn, loss_mask_BxS=loss_mask, old_logp_BxS=old_logp,
                  ref_logp_BxS=ref_logp, adv=adv)
 
@@ -121,7 +134,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     if kind == "ppo":
         policy = add_value_head(policy, mesh)
     graphdef, params = nnx.split(policy)
-    need_ref = cfg.algo.loss.beta > 0 or kind in PAIRED
+    need_ref = cfg.algo.loss.beta > 0 or kind in PAIRED or cfg.algo.advantage.token_alpha > 0
     ref_graphdef, ref_params = load_reference(cfg, (graphdef, params), mesh) if need_ref else (graphdef, None)
 
     G, P = cfg.rollout.group_size, cfg.train.batch_prompts
@@ -136,7 +149,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                           log_entropy=cfg.train.log_entropy, kind=kind,
                           ppo=cfg.algo.ppo if kind == "ppo" else None,
                           dpo=cfg.algo.dpo if kind in PAIRED else None,
-                          group_size=G if kind in PAIRED else None)
+                          group_size=G if kind in PAIRED else None, grad_variance=cfg.train.grad_variance)
     state = init_train_state(params, optimizer)
     train_step = make_train_step(graphdef, optimizer, step_cfg, state_sharding=state_sharding(state))
     ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches)
@@ -144,14 +157,22 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     refresh = cfg.train.ref_refresh_every is not None and need_ref
-    tree = lambda st, ref: {"train": st, "ref": ref} if refresh else {"train": st}  # noqa: E731
+    adv_cfg, dyn = cfg.algo.advantage, cfg.rollout.dynamic_group
+    moments = RunningMoments.zeros()  # running reward moments (baseline/scale "running"), checkpointed when used
+
+    def tree(st, ref, mom):
+        return {"train": st} | ({"ref": ref} if refresh else {}) | ({"adv": mom} if adv_cfg.stateful else {})
+
     start, order = 0, OrderState()
-    restored = ckpt.restore_latest(abstract_like(tree(state, ref_params)))
+    history = GroupHistory(dyn) if dyn is not None else None
+    restored = ckpt.restore_latest(abstract_like(tree(state, ref_params, moments)))
     if restored is not None:
         start, saved, meta = restored
         state = saved["train"]
         ref_params = saved["ref"] if refresh else ref_params
+        moments = saved["adv"] if adv_cfg.stateful else moments
         order = OrderState(**meta["order"])
+        history = GroupHistory.from_json(dyn, meta["groups"]) if dyn is not None else None
         log.info("resumed from the checkpoint at step %d", start)
     writer = MetricsWriter(run_dir)
     writer.truncate_after(start)
@@ -183,27 +204,42 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             t0 = time.perf_counter()
             key = jax.random.fold_in(base_key, step)
             examples, order = batch_at(splits.train, order, batch_size=P, seed=cfg.data.seed)
-            ro = generate(nnx.merge(graphdef, state.params), encode_prompts(tokenizer, examples),
-                          max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G, temperature=cfg.rollout.temperature,
-                          top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                          rng=key, min_prompt_bucket=cfg.rollout.min_prompt_bucket, mesh=mesh)
+            if dyn is None:
+                sizes, n_valid, ids_B = np.full(P, G), P * G, None
+            else:
+                sizes = history.sizes(examples, P * G, cfg.rollout.max_new_tokens)
+                n_valid, ids_B = int(sizes.sum()), ragged_group_ids(sizes, P * G)
+            rows = [ex for ex, n in zip(examples, sizes) for _ in range(n)]
+            rows += [examples[-1]] * (P * G - n_valid)  # padding rows (dynamic groups): no loss, no statistics
+            ro = generate(nnx.merge(graphdef, state.params), encode_prompts(tokenizer, examples if dyn is None else rows),
+                          max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if dyn is None else 1,
+                          temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+                          eos_ids=eos, pad_id=tokenizer.pad_token_id, rng=key,
+                          min_prompt_bucket=cfg.rollout.min_prompt_bucket, mesh=mesh)
             lengths = to_host(ro.lengths_B)
             t_rollout = time.perf_counter() - t0
 
-            rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
-            rewards_B, values, metrics = reward_table(cfg.rewards, rep([e["prompt"] for e in examples]),
-                                                      decode_completions(tokenizer, ro), rep(examples),
-                                                      group_size=G, lengths_B=lengths, pool=pool)
+            valid = slice(0, n_valid)
+            rewards_B, values, metrics = reward_table(cfg.rewards, [e["prompt"] for e in rows[valid]],
+                                                      decode_completions(tokenizer, ro)[valid], rows[valid],
+                                                      group_size=G if dyn is None else 1, lengths_B=lengths[valid],
+                                                      pool=pool)
             t_reward = time.perf_counter() - t0 - t_rollout
-            adv_B = compute_advantages(jnp.asarray(rewards_B), G, cfg.algo.advantage)
+            rewards_B = np.pad(rewards_B, (0, P * G - n_valid))
+            ragged = dict(group_ids_B=None if ids_B is None else jnp.asarray(ids_B), num_groups=P if dyn else None)
+            adv_B, moments = compute_advantages_with_state(jnp.asarray(rewards_B), G if dyn is None else None, adv_cfg,
+                                                           moments, **ragged)
             keep_B = dynamic_sampling_mask(rewards_B, G) if cfg.train.dynamic_sampling else jnp.ones(P * G, bool)
+            keep_B = keep_B & (jnp.arange(P * G) < n_valid)
             ref_fn = (lambda t, m: ref_logprobs(ref_params, t, m)) if need_ref else None  # noqa: E731
-            batch = build_batch(ro, adv_B, ref_fn, keep_B, cfg)
+            batch = build_batch(ro, adv_B, ref_fn, keep_B, cfg, ragged["group_ids_B"])
             if kind == "ppo":
                 batch = with_gae(batch, rewards_B, critic_values, state.params, cfg.algo.ppo)
             elif kind in PAIRED:
                 batch = batch.replace(rewards_B=jnp.asarray(rewards_B, jnp.float32))
             batch = shard_batch(batch, mesh)
+            if cfg.train.log_memory and step == start:
+                metrics |= compiled_memory(train_step, state, batch, prefix="memory/train_step")
             t1 = time.perf_counter()
             state, train_metrics = train_step(state, batch)
             train_metrics = jax.device_get(train_metrics)
@@ -218,14 +254,26 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                 ref_params = jax.tree.map(jnp.copy, state.params)  # the next step donates state.params
 
             correct_B = values[cfg.correct_reward] > 0
-            adv = np.asarray(adv_B) if kind != "ppo" else to_host(batch.adv)[to_host(batch.loss_mask_BxS)]
+            if kind == "ppo" or adv_cfg.token_alpha > 0:
+                adv = to_host(batch.adv)[to_host(batch.loss_mask_BxS)]
+            else:
+                adv = np.asarray(adv_B)[:n_valid]
             metrics |= {f"train/{k}": float(v) for k, v in train_metrics.items()}
-            metrics |= _length_stats(lengths, correct_B, to_host(ro.finished_B))
+            metrics |= _length_stats(lengths[valid], correct_B, to_host(ro.finished_B)[valid])
+            metrics |= accuracy_by_level(correct_B, rows[valid], "accuracy")
+            if dyn is not None:
+                history.update(examples, sizes, correct_B, lengths[valid])
+                solved = [np.ptp(r) == 0 for r in np.split(rewards_B[valid], np.cumsum(sizes)[:-1])]
+                metrics |= {"group/size_min": sizes.min(), "group/size_max": sizes.max(), "group/rows_used": n_valid,
+                            "reward/zero_variance_fraction": float(np.mean(solved))}
+            if adv_cfg.stateful:
+                metrics |= {"adv/running_mean": float(moments.mean), "adv/running_std": float(np.sqrt(moments.var))}
             metrics |= {
                 "accuracy": correct_B.mean(), "adv/mean": adv.mean(), "adv/std": adv.std(), "adv/abs_mean": np.abs(adv).mean(),
                 "kept_frac": float(np.asarray(keep_B).mean()),
                 "shape/prompt_len": ro.prompt_BxP.shape[1],
                 "time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/train_s": t_train,
+                "time/step_s": time.perf_counter() - t0,
                 "throughput/rollout_tok_s": lengths.sum() / t_rollout,
                 "throughput/train_tok_s": float(to_host(batch.attn_mask_BxS.sum())) / t_train,
             }
@@ -240,9 +288,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             kl=f"{train_metrics.get('kl', 0.0):.4f}", len=f"{lengths.mean():.0f}")
             meta = {"order": {"epoch": order.epoch, "position": order.position}}
+            if history is not None:
+                meta["groups"] = history.to_json()
             stop = any_process(bool(preempted))  # all processes save (a collective) and stop at the same step
             if done == cfg.train.steps or done % cfg.checkpoint.every == 0 or stop:
-                ckpt.save(done, tree(state, ref_params), meta, wait=stop)
+                ckpt.save(done, tree(state, ref_params, moments), meta, wait=stop)
             if stop:
                 raise Preempted(done)
         ckpt.wait()

@@ -24,7 +24,20 @@ def compile_count() -> int:
     return _COMPILES[0]
 
 
-TIMING_KEYS = ("time/", "throughput/", "compiles")  # metrics that legitimately differ between identical runs
+TIMING_KEYS = ("time/", "throughput/", "compiles", "memory/")  # metrics that legitimately differ between identical runs
+
+
+def compiled_memory(jitted, *args, prefix: str) -> dict[str, float]:
+    """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowering does not run it, so donated args stay
+    valid), in bytes per device: ``{prefix}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` =
+    arguments + outputs + temporaries - aliased (donated buffers reused for outputs). Empty when the backend gives
+    no analysis."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return {}
+    arg, out, temp, alias = (float(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
+    return {f"{prefix}/argument_bytes": arg, f"{prefix}/output_bytes": out, f"{prefix}/temp_bytes": temp,
+            f"{prefix}/peak_bytes": arg + out + temp - alias}
 
 
 class MetricsWriter:

@@ -72,6 +72,7 @@ class StepConfig:
     ppo: PPOConfig | None = None  # kind ppo: the policy needs a value head (grpo_jax.critic.add_value_head)
     dpo: DPOConfig | None = None  # kind dpo / hybrid
     group_size: int | None = None  # kind dpo / hybrid: rows of one rollout group are contiguous
+    grad_variance: bool = False  # log the spread of the micro-batch gradient estimates (see make_train_step)
 
     def __post_init__(self):
         if self.num_iterations < 1 or self.micro_batches < 1:
@@ -82,6 +83,8 @@ class StepConfig:
             raise ValueError(f"kind={self.kind!r} needs dpo (a DPOConfig) and group_size >= 2, got {self.group_size}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 for training log-probs, got {self.temperature}")
+        if self.grad_variance and self.micro_batches < 2:
+            raise ValueError("grad_variance compares micro-batch gradients; it needs micro_batches >= 2")
 
 
 class TrainState(struct.PyTreeNode):
@@ -123,9 +126,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     ``state_sharding`` (the shardings of the state from ``init_train_state``) pins the output state's placement to
     the input's, so step n+1 sees exactly the shardings step n was compiled for (no recompilation); the input state
     is donated.
+
+    ``cfg.grad_variance``: the K = micro_batches micro-batches are contiguous (whole groups), and with g_k the
+    gradient of micro-batch k's share of the loss (so Σ_k g_k = g, the full-batch gradient), e_k = K·g_k is the
+    estimate of g from 1/K of the prompts; the step also returns their spread (first update of the step)
+
+        grad_var = (1/(K-1)) Σ_k ||e_k - g||²  =  (K² Σ_k ||g_k||² - K ||g||²) / (K-1),   grad_rel_var = grad_var / ||g||²
     """
     loss_cfg = cfg.loss
-    split = _micro_contiguous if cfg.kind in PAIRED else _micro
+    split = _micro_contiguous if cfg.kind in PAIRED or cfg.grad_variance else _micro
 
     def logps(params, mb: Batch, with_entropy: bool):
         """(logp, entropy or None, values or None) from one decoder pass."""
@@ -153,21 +162,28 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
             def body(acc, mb):
                 (loss_k, stats_k), g_k = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb, den, on_policy)
+                sq_k = optax.tree.norm(g_k, squared=True)
                 if acc is None:
-                    return (loss_k, stats_k, g_k)
-                return (acc[0] + loss_k, objectives.merge(acc[1], stats_k), jax.tree.map(jnp.add, acc[2], g_k))
+                    return (loss_k, stats_k, g_k, sq_k)
+                return (acc[0] + loss_k, objectives.merge(acc[1], stats_k), jax.tree.map(jnp.add, acc[2], g_k),
+                        acc[3] + sq_k)
 
             first = body(None, jax.tree.map(lambda x: x[0], mbs))
             rest = jax.tree.map(lambda x: x[1:], mbs)
-            (loss, stats, grads), _ = jax.lax.scan(lambda acc, mb: (body(acc, mb), None), first, rest)
+            (loss, stats, grads, sq_sum), _ = jax.lax.scan(lambda acc, mb: (body(acc, mb), None), first, rest)
         grad_norm = optax.tree.norm(grads)
+        extra = {}
+        if cfg.grad_variance:
+            K = cfg.micro_batches
+            var = jnp.maximum(K * K * sq_sum - K * grad_norm**2, 0.0) / (K - 1)
+            extra = {"grad_var": var, "grad_rel_var": var / jnp.maximum(grad_norm**2, 1e-30)}
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
         # a non-finite loss or gradient refuses the update: the state stays exactly as it was
         new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
         metrics = objectives.finalize(cfg.kind, stats)
-        metrics |= {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+        metrics |= {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32), **extra}
         return new, metrics  # entropy_sum -> entropy (token mean) in objectives.finalize
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_sharding, None) if state_sharding else None)
@@ -186,7 +202,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             return update(st, batch, den, on_policy=False)
 
         state, metrics = jax.lax.scan(iteration, state, None, length=cfg.num_iterations)
-        return state, jax.tree.map(jnp.mean, metrics)
+        first = {k: metrics[k][0] for k in ("grad_var", "grad_rel_var") if k in metrics}
+        return state, jax.tree.map(jnp.mean, metrics) | first
 
     return train_step
 

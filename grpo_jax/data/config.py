@@ -25,6 +25,9 @@ class DataConfig:
 
     task: ``arith`` / ``countdown`` (synthetic, seeded, ``difficulty`` 1-4, ``num_examples`` generated) or
       ``gsm8k`` / ``math`` (rows from ``source``).
+    levels: synthetic tasks only: a mix of difficulty levels instead of ``difficulty`` (e.g. ``[1, 2, 3]``),
+      ``num_examples`` split equally (the first levels take the remainder), level k generated from seed
+      ``seed + 1000·k``. Every synthetic example carries its ``level``; the loop reports accuracy per level.
     source: a hub dataset name (``openai/gsm8k``, with ``subset='main'``), or local ``.jsonl``/``.json``/
       ``.parquet``/``.arrow``/``.csv`` file(s) (a glob is allowed; ``split`` is then ignored).
     columns: ``{our_field: their_column}`` overriding ``HUB_COLUMNS[task]``, e.g. ``{"question": "prompt"}``.
@@ -46,6 +49,7 @@ class DataConfig:
     held_out_split: str = "test"
     num_examples: int = 10_000
     difficulty: int = 1
+    levels: tuple[int, ...] = ()
     ops: str = "+-*"  # arith only: the operators drawn from
     digits: tuple[int, ...] = ()  # arith only: max digits per operand, overriding difficulty (e.g. [2, 1])
     seed: int = 0
@@ -81,6 +85,14 @@ class DataConfig:
             raise ValueError(f"DataConfig.num_examples must be >= 1, got {self.num_examples}")
         if self.difficulty not in DIFFICULTY_LEVELS:
             raise ValueError(f"DataConfig.difficulty must be one of {list(DIFFICULTY_LEVELS)}, got {self.difficulty}")
+        if self.levels and (not synthetic or len(set(self.levels)) != len(self.levels)
+                            or set(self.levels) - set(DIFFICULTY_LEVELS)):
+            raise ValueError(f"DataConfig.levels applies to synthetic tasks {list(SYNTHETIC_TASKS)}: distinct levels from "
+                             f"{list(DIFFICULTY_LEVELS)}, got {list(self.levels)} for task {self.task!r}")
+        if self.levels and self.digits:
+            raise ValueError("DataConfig: set levels or digits, not both (digits fixes one operand layout)")
+        if self.levels and self.num_examples < len(self.levels):
+            raise ValueError(f"DataConfig.num_examples={self.num_examples} is fewer than the {len(self.levels)} levels")
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
         except ValueError as e:

@@ -36,14 +36,25 @@ def get_task(name: str) -> TaskBuilder:
     return _TASKS[name]
 
 
+def _levelled(cfg: DataConfig, make: Callable[[int, int, int], list[dict]]) -> list[dict]:
+    """``make(num_examples, difficulty, seed)`` for ``cfg.difficulty``, or for each of ``cfg.levels`` (an equal share
+    each, seed + 1000·level, interleaved level by level); every example gets its ``level``."""
+    if not cfg.levels:
+        return [{**ex, "level": cfg.difficulty} for ex in make(cfg.num_examples, cfg.difficulty, cfg.seed)]
+    share, extra = divmod(cfg.num_examples, len(cfg.levels))
+    made = [make(share + (i < extra), level, cfg.seed + 1000 * level) for i, level in enumerate(cfg.levels)]
+    return [{**made[i][j], "level": level} for j in range(share + 1) for i, level in enumerate(cfg.levels)
+            if j < len(made[i])]
+
+
 @register_task("arith")
 def arith_task(cfg: DataConfig, source: str | None, split: str) -> list[dict]:
-    return arith_examples(cfg.num_examples, cfg.difficulty, cfg.seed, cfg.ops, cfg.digits)
+    return _levelled(cfg, lambda n, level, seed: arith_examples(n, level, seed, cfg.ops, cfg.digits))
 
 
 @register_task("countdown")
 def countdown_task(cfg: DataConfig, source: str | None, split: str) -> list[dict]:
-    return countdown_examples(cfg.num_examples, cfg.difficulty, cfg.seed)
+    return _levelled(cfg, countdown_examples)
 
 
 def _hub_rows(cfg: DataConfig, source: str, split: str) -> list[dict]:

@@ -1,0 +1,245 @@
+"""``grpo-jax ablate experiments/<name>``: run a grid of variants x seeds of one experiment, then write a results
+table (markdown) and plots (PNG) from the runs' metrics.
+
+The experiment folder holds its runnable ``config.yaml`` and an ``ablation.yaml`` (``AblationConfig``)::
+
+    seeds: [0, 1]
+    variants:                      # name -> dotted overrides of config.yaml
+      grpo: [algo.preset=grpo]
+      dr_grpo: [algo.preset=dr_grpo]
+    quick: [train.steps=4]         # extra overrides for --quick (a smoke run of the whole grid)
+    table: [final:eval/accuracy, last:length/incorrect_mean]
+    plots: [{file: length.png, metrics: [length/correct_mean, length/incorrect_mean]}]
+
+Runs go to ``<out>/<variant>/seed<k>`` and are resumed (or skipped when complete) by a second call. Runs that share
+model, data, warm start and seed share one supervised warm start: the first run's ``warm_start/`` folder is copied
+into the others, which then skip the SFT (``run_setup.warm_start`` reuses a folder that is there).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from grpo_jax import config as config_lib
+from grpo_jax.experiment import ExperimentConfig, load_experiment
+from grpo_jax.tracking import read_metrics
+
+log = logging.getLogger(__name__)
+Reduce = Literal["final", "first", "last", "mean"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlotSpec:
+    """One PNG: a panel per metric (glob patterns allowed), a line per variant (mean over seeds, band = min..max),
+    over training steps or over cumulative step wall time (``x: time``, the sum of ``time/step_s``)."""
+
+    file: str
+    metrics: tuple[str, ...]
+    x: Literal["step", "time"] = "step"
+
+    def __post_init__(self):
+        if not self.file.endswith(".png") or "/" in self.file:
+            raise ValueError(f"plots: file must be a plain name ending in .png, got {self.file!r}")
+        if not self.metrics:
+            raise ValueError(f"plots[{self.file}]: metrics must name at least one metric")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AblationConfig:
+    """The grid and its report. ``table`` entries are ``reduce:metric`` (metric may be a glob): ``final`` the value at
+    the last step that has it (eval metrics), ``first``/``last`` the mean over the first/last ``window`` steps that
+    have it, ``mean`` over all steps. ``anchor`` (a variant) adds a table of every variant's ratio to it."""
+
+    seeds: tuple[int, ...] = (0, 1)
+    variants: dict[str, tuple[str, ...]]
+    quick: tuple[str, ...] = ()
+    quick_seeds: tuple[int, ...] | None = None
+    table: tuple[str, ...] = ("final:eval/accuracy",)
+    window: int = 10
+    plots: tuple[PlotSpec, ...] = ()
+    anchor: str | None = None
+
+    def __post_init__(self):
+        if not self.variants or not self.seeds:
+            raise ValueError("ablation: variants and seeds must not be empty")
+        bad = [v for v in self.variants if not v.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"ablation: variant names must be letters, digits, '_' or '-', got {bad}")
+        for entry in self.table:
+            reduce, _, metric = entry.partition(":")
+            if reduce not in ("final", "first", "last", "mean") or not metric:
+                raise ValueError(f"ablation.table entry {entry!r}: write reduce:metric, reduce in final|first|last|mean")
+        if self.window < 1:
+            raise ValueError(f"ablation.window must be >= 1, got {self.window}")
+        if self.anchor is not None and self.anchor not in self.variants:
+            raise ValueError(f"ablation.anchor={self.anchor!r} is not a variant; variants: {list(self.variants)}")
+
+
+def load_ablation(folder: Path) -> AblationConfig:
+    path = Path(folder) / "ablation.yaml"
+    if not path.is_file():
+        raise config_lib.ConfigError(f"{path}: no such file (an ablation needs experiments/<name>/ablation.yaml)")
+    return config_lib.from_yaml(AblationConfig, path)
+
+
+def grid(folder: Path, ab: AblationConfig, *, quick: bool, overrides=()) -> list[tuple[str, int, ExperimentConfig]]:
+    """(variant, seed, config) for every run, every config built (so any bad override fails before compute)."""
+    seeds = (ab.quick_seeds or ab.seeds) if quick else ab.seeds
+    extra = [*(ab.quick if quick else ()), *overrides]
+    out = []
+    for name, variant in ab.variants.items():
+        for seed in seeds:
+            try:
+                cfg = load_experiment(folder, [*variant, *extra, f"seed={seed}"])
+            except config_lib.ConfigError as e:
+                raise config_lib.ConfigError(f"ablation variant {name!r}: {e}") from None
+            out.append((name, seed, cfg))
+    return out
+
+
+def _warm_key(cfg: ExperimentConfig) -> str | None:
+    if cfg.warm_start is None:
+        return None
+    return json.dumps([config_lib.to_dict(x) for x in (cfg.model, cfg.data, cfg.warm_start)] + [cfg.seed], sort_keys=True)
+
+
+def run_grid(folder: Path, out: Path, ab: AblationConfig, *, quick: bool, overrides=()) -> dict[str, dict[int, Path]]:
+    """Train every run of the grid (resuming unfinished ones); returns {variant: {seed: run_dir}}."""
+    from grpo_jax.loop import train
+
+    runs = grid(folder, ab, quick=quick, overrides=overrides)
+    warm: dict[str, Path] = {}
+    dirs: dict[str, dict[int, Path]] = {}
+    for i, (name, seed, cfg) in enumerate(runs):
+        run_dir = out / name / f"seed{seed}"
+        dirs.setdefault(name, {})[seed] = run_dir
+        key = _warm_key(cfg)
+        if key in warm and not (run_dir / "warm_start").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(warm[key] / "warm_start", run_dir / "warm_start")
+        rows = read_metrics(run_dir)
+        if rows and rows[-1]["step"] == cfg.train.steps:
+            log.info("ablation: %s seed %d is complete; skipped", name, seed)
+        else:
+            log.info("ablation: run %d/%d: %s seed %d -> %s", i + 1, len(runs), name, seed, run_dir)
+            t0 = time.perf_counter()
+            summary = train(cfg, run_dir, show_progress=False)
+            (run_dir / "summary.json").write_text(json.dumps({**summary, "wall_s": time.perf_counter() - t0}))
+        if key is not None:
+            warm.setdefault(key, run_dir)
+    return dirs
+
+
+def _series(rows: list[dict], metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
+    clock = np.cumsum([r.get("time/step_s", 0.0) for r in rows])
+    pts = [((clock[i] if x == "time" else r["step"]), r[metric]) for i, r in enumerate(rows)
+           if isinstance(r.get(metric), float)]
+    return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.zeros(0), np.zeros(0))
+
+
+def reduce_metric(rows: list[dict], reduce: Reduce, metric: str, window: int) -> float:
+    _, v = _series(rows, metric, "step")
+    if v.size == 0:
+        return float("nan")
+    return float({"final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(), "mean": v.mean()}[reduce])
+
+
+def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
+    names = sorted({k for rows in all_rows for r in rows for k in r})
+    out = []
+    for pattern in patterns:
+        out += [n for n in names if fnmatch.fnmatchcase(n, pattern) and n not in out] or [pattern]
+    return out
+
+
+def summarize(ab: AblationConfig, dirs: dict[str, dict[int, Path]]) -> dict[str, dict[str, list[float]]]:
+    """{variant: {"reduce:metric": [value per seed]}} plus "wall_s" (each run's wall time)."""
+    all_rows = [read_metrics(d) for seeds in dirs.values() for d in seeds.values()]
+    columns = [f"{e.partition(':')[0]}:{m}" for e in ab.table for m in _expand([e.partition(":")[2]], all_rows)]
+    table: dict[str, dict[str, list[float]]] = {}
+    for name, seeds in dirs.items():
+        table[name] = {c: [] for c in [*columns, "wall_s"]}
+        for run_dir in seeds.values():
+            rows = read_metrics(run_dir)
+            for c in columns:
+                reduce, _, metric = c.partition(":")
+                table[name][c].append(reduce_metric(rows, reduce, metric, ab.window))
+            summary = run_dir / "summary.json"
+            table[name]["wall_s"].append(json.loads(summary.read_text())["wall_s"] if summary.exists() else float("nan"))
+    return table
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not np.isfinite(x) else (f"{x:.3g}" if abs(x) < 1e4 else f"{x:.4g}")
+
+
+def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds_used) -> str:
+    columns = list(next(iter(table.values())))
+    head = f"| variant | {' | '.join(columns)} |\n|{' --- |' * (len(columns) + 1)}\n"
+    cell = lambda vs: f"{_fmt(float(np.mean(vs)))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
+    text = head + "".join(f"| {name} | {' | '.join(cell(row[c]) for c in columns)} |\n" for name, row in table.items())
+    text = (f"Mean over seeds {list(seeds_used)} (each seed in brackets). `final:` the value at the run's last step, "
+            f"`first:`/`last:` the mean of the first/last {ab.window} steps, `mean:` over all steps; wall_s is each "
+            f"run's wall time (compilation included).\n\n") + text
+    if ab.anchor is not None:
+        base = {c: float(np.mean(v)) for c, v in table[ab.anchor].items()}
+        ratio = lambda name, c: float(np.mean(table[name][c])) / base[c] if base[c] else float("nan")  # noqa: E731
+        text += (f"\nRatio of each variant's seed mean to `{ab.anchor}`'s:\n\n{head}"
+                 + "".join(f"| {n} | {' | '.join(_fmt(ratio(n, c)) for c in columns)} |\n" for n in table))
+    return text
+
+
+def plot(ab: AblationConfig, dirs: dict[str, dict[int, Path]], report: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: [read_metrics(d) for d in seeds.values()] for name, seeds in dirs.items()}
+    files = []
+    for spec in ab.plots:
+        metrics = _expand(spec.metrics, [r for rs in runs.values() for r in rs])
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for name, seed_rows in runs.items():
+                series = [_series(rows, metric, spec.x) for rows in seed_rows]
+                n = min(len(v) for _, v in series)
+                if n == 0:
+                    continue
+                x = np.mean([s[0][:n] for s in series], axis=0)
+                ys = np.array([s[1][:n] for s in series])
+                (line,) = ax.plot(x, ys.mean(0), marker="o" if n < 12 else None, ms=3, label=name)
+                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+            ax.set_title(metric, fontsize=9)
+            ax.set_xlabel("step" if spec.x == "step" else "wall time of the steps (s)")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = report / spec.file
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def ablate(folder: str | Path, *, out: str | Path | None = None, quick: bool = False, overrides=()) -> dict:
+    """Run the grid of ``folder``'s ablation.yaml, then write ``results.md`` and the PNGs into ``out``."""
+    folder = Path(folder)
+    ab = load_ablation(folder)
+    out = Path(out or Path("runs") / (folder.resolve().name + ("_quick" if quick else "")))
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = run_grid(folder, out, ab, quick=quick, overrides=overrides)
+    table = summarize(ab, dirs)
+    seeds = (ab.quick_seeds or ab.seeds) if quick else ab.seeds
+    (out / "results.md").write_text(f"# {folder.name}{' (--quick)' if quick else ''}\n\n" + markdown(ab, table, seeds))
+    (out / "results.json").write_text(json.dumps(table, indent=1))
+    files = plot(ab, dirs, out)
+    return {"out": str(out), "results": str(out / "results.md"), "plots": [str(f) for f in files]}
