@@ -56,9 +56,10 @@ class WarmStartSection:
     data with a systematic error, which imitation learns and a verifiable reward can remove.
 
     ``tail_max`` = K > 0 appends ``tail_char`` repeated k times to each target, k drawn uniformly from 0..K once per
-    question (seeded from ``sft.seed``): demonstrations whose length varies but carries no information about
-    correctness, so any later drift of the length of correct vs incorrect responses comes from the RL objective (the
-    length-bias ablation). The tail follows the answer, so its length can depend on the answer chosen.
+    question (seeded from ``sft.seed``), and ``flawed_tail_max`` (default K) does the same for the flawed targets: a
+    tail that does not change the answer but lets the length depend on it. With a longer flawed tail the wrong
+    answers are the long ones ("wrong versions can be long"), the setting of GRPO's length bias: 1/|o_i| weighs a
+    long wrong answer's penalty less (the length-bias ablation).
     """
 
     sft: SFTConfig
@@ -66,6 +67,7 @@ class WarmStartSection:
     flawed_target: str | None = None
     flawed_fraction: float = 0.0
     tail_max: int = 0
+    flawed_tail_max: int | None = None
     tail_char: str = "."
 
     def __post_init__(self):
@@ -73,8 +75,9 @@ class WarmStartSection:
             raise ValueError(f"flawed_fraction must be in [0, 1], got {self.flawed_fraction}")
         if (self.flawed_target is None) != (self.flawed_fraction == 0.0):
             raise ValueError("set flawed_target and a flawed_fraction > 0 together (or neither)")
-        if self.tail_max < 0:
-            raise ValueError(f"warm_start.tail_max must be >= 0, got {self.tail_max}")
+        if self.tail_max < 0 or (self.flawed_tail_max or 0) < 0:
+            raise ValueError(f"warm_start.tail_max and flawed_tail_max must be >= 0, got {self.tail_max}, "
+                             f"{self.flawed_tail_max}")
         if len(self.tail_char) != 1 or self.tail_char.isdigit() or self.tail_char.isspace():
             raise ValueError(f"warm_start.tail_char must be one non-digit, non-space character, got {self.tail_char!r}")
 
@@ -84,7 +87,11 @@ class WarmStartSection:
         rng = np.random.default_rng(self.sft.seed)
         chosen = rng.random(len(questions)) < self.flawed_fraction
         flawed = {q for q, c in zip(questions, chosen) if c}
-        tails = dict(zip(questions, rng.integers(0, self.tail_max + 1, len(questions)))) if self.tail_max else {}
+        flawed_max = self.tail_max if self.flawed_tail_max is None else self.flawed_tail_max
+        tails = {}
+        if self.tail_max or flawed_max:
+            u = rng.random(len(questions))  # k = floor(u·(K+1)): one draw per question for either target
+            tails = {q: int(x * ((flawed_max if q in flawed else self.tail_max) + 1)) for q, x in zip(questions, u)}
 
         def target(ex: dict) -> str:
             template = self.flawed_target if ex["question"] in flawed else self.target
@@ -92,7 +99,7 @@ class WarmStartSection:
                 text = template.format(**ex)
             except KeyError as e:
                 raise ValueError(f"warm_start target {template!r} uses field {e}; the examples have {sorted(ex)}") from None
-            return text + self.tail_char * int(tails.get(ex["question"], 0))
+            return text + self.tail_char * tails.get(ex["question"], 0)
 
         return target
 
@@ -124,7 +131,7 @@ class TrainSection:
     log_entropy: bool = True
     logprob_chunk: int = 128
     grad_variance: bool = False  # log train/grad_var, train/grad_rel_var over the micro-batches (whole prompts)
-    log_memory: bool = False  # log memory/* (XLA's memory analysis of the compiled train step) at the first step
+    log_memory: bool = False  # memory/*: XLA's analysis of the compiled train step (first step), device peak (GPU/TPU)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_prompts < 1 or self.num_iterations < 1 or self.micro_batches < 1:

@@ -152,3 +152,20 @@ class GroupHistory:
     @classmethod
     def from_json(cls, cfg: DynamicGroupConfig, data: dict) -> GroupHistory:
         return cls(cfg, data["stats"], data["mean_length"])
+
+
+def rollout_rows(examples: Sequence[dict], group_size: int, history: GroupHistory | None, max_new_tokens: int):
+    """The P·G rows of one rollout step: ``(rows, sizes_P, n_valid, group_ids_B or None)``.
+
+    Fixed groups repeat each example G times. With ``history`` (dynamic group size) example p fills ``sizes_P[p]``
+    contiguous rows, the first ``n_valid`` rows; the rest repeat the last example as padding (group id -1: no loss,
+    left out of every statistic).
+    """
+    P, rows_total = len(examples), len(examples) * group_size
+    if history is None:
+        sizes = np.full(P, group_size)
+        return [ex for ex in examples for _ in range(group_size)], sizes, rows_total, None
+    sizes = history.sizes(examples, rows_total, max_new_tokens)
+    n_valid = int(sizes.sum())
+    rows = [ex for ex, n in zip(examples, sizes) for _ in range(n)] + [examples[-1]] * (rows_total - n_valid)
+    return rows, sizes, n_valid, ragged_group_ids(sizes, rows_total)

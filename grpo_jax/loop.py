@@ -24,7 +24,7 @@ from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.critic import add_value_head, value_fn, with_gae
 from grpo_jax.data import OrderState, batch_at, build_splits
 from grpo_jax.evaluation import accuracy_by_level, decode_completions, encode_prompts, evaluate
-from grpo_jax.group_size import GroupHistory, ragged_group_ids
+from grpo_jax.group_size import GroupHistory, rollout_rows
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
 from grpo_jax.multihost import any_process, is_primary, sync, to_host
@@ -33,7 +33,7 @@ from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards,
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
 from grpo_jax.token_advantages import multiscale_advantages, reward_to_go
-from grpo_jax.tracking import MetricsWriter, compile_count, compiled_memory
+from grpo_jax.tracking import MetricsWriter, compile_count, compiled_memory, device_memory
 from grpo_jax.train_step import (
     Batch,
     StepConfig,
@@ -204,13 +204,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             t0 = time.perf_counter()
             key = jax.random.fold_in(base_key, step)
             examples, order = batch_at(splits.train, order, batch_size=P, seed=cfg.data.seed)
-            if dyn is None:
-                sizes, n_valid, ids_B = np.full(P, G), P * G, None
-            else:
-                sizes = history.sizes(examples, P * G, cfg.rollout.max_new_tokens)
-                n_valid, ids_B = int(sizes.sum()), ragged_group_ids(sizes, P * G)
-            rows = [ex for ex, n in zip(examples, sizes) for _ in range(n)]
-            rows += [examples[-1]] * (P * G - n_valid)  # padding rows (dynamic groups): no loss, no statistics
+            rows, sizes, n_valid, ids_B = rollout_rows(examples, G, history, cfg.rollout.max_new_tokens)
             ro = generate(nnx.merge(graphdef, state.params), encode_prompts(tokenizer, examples if dyn is None else rows),
                           max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if dyn is None else 1,
                           temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
@@ -277,6 +271,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                 "throughput/rollout_tok_s": lengths.sum() / t_rollout,
                 "throughput/train_tok_s": float(to_host(batch.attn_mask_BxS.sum())) / t_train,
             }
+            metrics |= device_memory() if cfg.train.log_memory else {}
             done = step + 1
             if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
                 metrics |= run_eval(done)

@@ -40,6 +40,13 @@ def compiled_memory(jitted, *args, prefix: str) -> dict[str, float]:
             f"{prefix}/peak_bytes": arg + out + temp - alias}
 
 
+def device_memory() -> dict[str, float]:
+    """``memory/device_peak_bytes``: the allocator's peak on the first local device (GPU/TPU); empty where the
+    backend keeps no statistics (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"memory/device_peak_bytes": float(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
+
+
 class MetricsWriter:
     """Appends ``{"step": n, ...}`` lines to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only).
 

@@ -41,6 +41,12 @@ def test_warm_start_tail_is_seeded_per_question_and_keeps_the_flaw_choice():
     tails = [len(b(ex)) - len(a(ex)) for ex in examples]
     assert set(tails) == {0, 1, 2, 3} and 30 < tails.count(0) < 70  # uniform over 0..3 (50 expected)
     assert [b(ex) for ex in examples] == [tailed.completion_fn(examples)(ex) for ex in examples]
+    # flawed targets take their own tail range: here the wrong answers are the long ones
+    long_wrong = WarmStartSection(sft=SFTConfig(seed=1), flawed_target="{units_slip_answer}", flawed_fraction=0.5,
+                                  tail_max=1, flawed_tail_max=6).completion_fn(examples)
+    flawed = {ex["question"] for ex in examples if a(ex) != ex["answer"]}
+    tails = {q: len(long_wrong(ex)) - len(a(ex)) for ex in examples for q in [ex["question"]]}
+    assert {tails[q] for q in tails if q not in flawed} == {0, 1} and {tails[q] for q in flawed} == set(range(7))
     with pytest.raises(ValueError, match="tail_char must be one non-digit"):
         WarmStartSection(sft=SFTConfig(), tail_max=2, tail_char="7")
 
