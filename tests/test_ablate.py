@@ -85,7 +85,7 @@ def _quick(name: str, tmp_path: Path) -> tuple[Path, AblationConfig]:
 def test_length_bias_quick_grid_and_rerun(tmp_path):
     out, ab = _quick("ablate_length_bias", tmp_path)
     text = (out / "results.md").read_text()
-    assert "last:length/incorrect_mean" in text and "final:eval/accuracy/level_3" in text
+    assert "last:length/incorrect_mean" in text and "final:eval/accuracy/level_2" in text
     before = {v: metrics(out / v / "seed0") for v in ab.variants}
     assert cli.main(["ablate", str(ROOT / "experiments" / "ablate_length_bias"), "--quick", "--out", str(out),
                      "mesh.num_devices=1"]) == 0  # complete runs are skipped, the report is rewritten
