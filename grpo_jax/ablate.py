@@ -33,7 +33,8 @@ from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.tracking import read_metrics
 
 log = logging.getLogger(__name__)
-Reduce = Literal["final", "first", "last", "mean"]
+Reduce = Literal["final", "first", "last", "mean", "median", "min"]
+REDUCES = ("final", "first", "last", "mean", "median", "min")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +57,7 @@ class PlotSpec:
 class AblationConfig:
     """The grid and its report. ``table`` entries are ``reduce:metric`` (metric may be a glob): ``final`` the value at
     the last step that has it (eval metrics), ``first``/``last`` the mean over the first/last ``window`` steps that
-    have it, ``mean`` over all steps. ``anchor`` (a variant) adds a table of every variant's ratio to it."""
+    have it, ``mean``/``median``/``min`` over all steps (median and min for timings: the first step compiles). ``anchor`` (a variant) adds a table of every variant's ratio to it."""
 
     seeds: tuple[int, ...] = (0, 1)
     variants: dict[str, tuple[str, ...]]
@@ -75,8 +76,8 @@ class AblationConfig:
             raise ValueError(f"ablation: variant names must be letters, digits, '_' or '-', got {bad}")
         for entry in self.table:
             reduce, _, metric = entry.partition(":")
-            if reduce not in ("final", "first", "last", "mean") or not metric:
-                raise ValueError(f"ablation.table entry {entry!r}: write reduce:metric, reduce in final|first|last|mean")
+            if reduce not in REDUCES or not metric:
+                raise ValueError(f"ablation.table entry {entry!r}: write reduce:metric, reduce in {'|'.join(REDUCES)}")
         if self.window < 1:
             raise ValueError(f"ablation.window must be >= 1, got {self.window}")
         if self.anchor is not None and self.anchor not in self.variants:
@@ -149,7 +150,8 @@ def reduce_metric(rows: list[dict], reduce: Reduce, metric: str, window: int) ->
     _, v = _series(rows, metric, "step")
     if v.size == 0:
         return float("nan")
-    return float({"final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(), "mean": v.mean()}[reduce])
+    return float({"final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(), "mean": v.mean(),
+                  "median": np.median(v), "min": v.min()}[reduce])
 
 
 def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
@@ -187,7 +189,8 @@ def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds
     cell = lambda vs: f"{_fmt(float(np.mean(vs)))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
     text = head + "".join(f"| {name} | {' | '.join(cell(row[c]) for c in columns)} |\n" for name, row in table.items())
     text = (f"Mean over seeds {list(seeds_used)} (each seed in brackets). `final:` the value at the run's last step, "
-            f"`first:`/`last:` the mean of the first/last {ab.window} steps, `mean:` over all steps; wall_s is each "
+            f"`first:`/`last:` the mean of the first/last {ab.window} steps, `mean:`/`median:`/`min:` over all steps; "
+            f"wall_s is each "
             f"run's wall time (compilation included).\n\n") + text
     if ab.anchor is not None:
         base = {c: float(np.mean(v)) for c, v in table[ab.anchor].items()}

@@ -33,7 +33,7 @@ from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards,
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
 from grpo_jax.token_advantages import multiscale_advantages, reward_to_go
-from grpo_jax.tracking import MetricsWriter, compile_count, compiled_memory, device_memory
+from grpo_jax.tracking import MetricsWriter, compile_count, compiled_stats, device_memory, tree_bytes
 from grpo_jax.train_step import (
     Batch,
     StepConfig,
@@ -110,6 +110,19 @@ def _length_stats(lengths_B: np.ndarray, correct_B: np.ndarray, finished_B: np.n
     out = {"length/mean": lengths_B.mean(), "length/max": lengths_B.max(), "length/clipped_frac": 1 - finished_B.mean()}
     for name, sel in (("correct", correct_B), ("incorrect", ~correct_B)):
         out[f"length/{name}_mean"] = lengths_B[sel].mean() if sel.any() else float("nan")
+    return out
+
+
+def _cost_metrics(train_step, state, batch, ref_logprobs, ref_params, critic_values) -> dict[str, float]:
+    """``train.log_memory``: memory of the compiled train step and of the extra passes a kind makes per rollout batch
+    (the reference's log-probs, PPO's old values), and the bytes of the reference params it holds."""
+    out = compiled_stats(train_step, state, batch, name="train_step")
+    tokens, attn = batch.tokens_BxS, batch.attn_mask_BxS
+    if ref_logprobs is not None:
+        out |= compiled_stats(ref_logprobs, ref_params, tokens, attn, name="reference_pass")
+        out["memory/reference_params_bytes"] = tree_bytes(ref_params)
+    if critic_values is not None:
+        out |= compiled_stats(critic_values, state.params, tokens, attn, name="value_pass")
     return out
 
 
@@ -231,9 +244,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                 batch = with_gae(batch, rewards_B, critic_values, state.params, cfg.algo.ppo)
             elif kind in PAIRED:
                 batch = batch.replace(rewards_B=jnp.asarray(rewards_B, jnp.float32))
-            batch = shard_batch(batch, mesh)
+            batch = jax.block_until_ready(shard_batch(batch, mesh))
+            t_prep = time.perf_counter() - t0 - t_rollout - t_reward
             if cfg.train.log_memory and step == start:
-                metrics |= compiled_memory(train_step, state, batch, prefix="memory/train_step")
+                metrics |= _cost_metrics(train_step, state, batch, ref_logprobs if need_ref else None, ref_params,
+                                         critic_values)
             t1 = time.perf_counter()
             state, train_metrics = train_step(state, batch)
             train_metrics = jax.device_get(train_metrics)
@@ -266,7 +281,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
                 "accuracy": correct_B.mean(), "adv/mean": adv.mean(), "adv/std": adv.std(), "adv/abs_mean": np.abs(adv).mean(),
                 "kept_frac": float(np.asarray(keep_B).mean()),
                 "shape/prompt_len": ro.prompt_BxP.shape[1],
-                "time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/train_s": t_train,
+                "time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/prep_s": t_prep, "time/train_s": t_train,
                 "time/step_s": time.perf_counter() - t0,
                 "throughput/rollout_tok_s": lengths.sum() / t_rollout,
                 "throughput/train_tok_s": float(to_host(batch.attn_mask_BxS.sum())) / t_train,

@@ -27,17 +27,25 @@ def compile_count() -> int:
 TIMING_KEYS = ("time/", "throughput/", "compiles", "memory/")  # metrics that legitimately differ between identical runs
 
 
-def compiled_memory(jitted, *args, prefix: str) -> dict[str, float]:
-    """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowering does not run it, so donated args stay
-    valid), in bytes per device: ``{prefix}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` =
-    arguments + outputs + temporaries - aliased (donated buffers reused for outputs). Empty when the backend gives
-    no analysis."""
-    stats = jitted.lower(*args).compile().memory_analysis()
-    if stats is None:
-        return {}
-    arg, out, temp, alias = (float(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
-    return {f"{prefix}/argument_bytes": arg, f"{prefix}/output_bytes": out, f"{prefix}/temp_bytes": temp,
-            f"{prefix}/peak_bytes": arg + out + temp - alias}
+def compiled_stats(jitted, *args, name: str) -> dict[str, float]:
+    """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowering does not run it, so donated args stay valid), per
+    device: ``memory/{name}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` = arguments +
+    outputs + temporaries - aliased (donated buffers reused for outputs); empty where the backend gives no analysis.
+    (No FLOP count: XLA's cost analysis counts a loop body once, so a micro-batch scan would be undercounted.)"""
+    compiled = jitted.lower(*args).compile()
+    out = {}
+    stats = compiled.memory_analysis()
+    if stats is not None:
+        arg, res, temp, alias = (float(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
+        prefix = f"memory/{name}"
+        out |= {f"{prefix}/argument_bytes": arg, f"{prefix}/output_bytes": res, f"{prefix}/temp_bytes": temp,
+                f"{prefix}/peak_bytes": arg + res + temp - alias}
+    return out
+
+
+def tree_bytes(tree) -> float:
+    """Total bytes of a pytree's arrays (e.g. a frozen reference model held on the devices)."""
+    return float(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
 def device_memory() -> dict[str, float]:

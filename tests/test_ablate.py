@@ -22,6 +22,8 @@ def test_reduce_by_hand():
     assert reduce_metric(rows, "final", "eval/accuracy", 2) == 0.7
     assert reduce_metric(rows, "first", "a", 2) == 1.5 and reduce_metric(rows, "last", "a", 2) == 5.5
     assert reduce_metric(rows, "mean", "a", 2) == 3.5 and np.isnan(reduce_metric(rows, "last", "missing", 2))
+    rows[1]["a"] = 60.0  # a first step that compiles: the median and min ignore it
+    assert reduce_metric(rows, "median", "a", 2) == 4.5 and reduce_metric(rows, "min", "a", 2) == 2.0
 
 
 def test_summary_table_and_ratios_by_hand(tmp_path):
@@ -46,7 +48,7 @@ def test_summary_table_and_ratios_by_hand(tmp_path):
 
 def test_ablation_config_errors(tmp_path):
     with pytest.raises(ValueError, match="reduce:metric"):
-        AblationConfig(variants={"a": ()}, table=("median:x",))
+        AblationConfig(variants={"a": ()}, table=("mode:x",))
     with pytest.raises(ValueError, match="anchor='b' is not a variant"):
         AblationConfig(variants={"a": ()}, anchor="b")
     with pytest.raises(ValueError, match="letters, digits"):
@@ -109,6 +111,9 @@ def test_compare_quick_grid_reports_memory_variance_and_ratios(tmp_path):
         assert np.isfinite(table[kind]["mean:train/grad_rel_var"][0])
     # the value head (params, Adam moments, values) makes PPO's train step hold more than GRPO's
     assert table["ppo"]["final:memory/train_step/peak_bytes"][0] > table["grpo"]["final:memory/train_step/peak_bytes"][0]
+    assert np.isnan(table["grpo"]["final:memory/value_pass/peak_bytes"][0])
+    assert table["ppo"]["final:memory/value_pass/peak_bytes"][0] > 0
+    assert table["dpo"]["final:memory/reference_params_bytes"][0] > 0  # DPO scores against a held reference
     assert "Ratio of each variant's seed mean to `ppo`'s" in (out / "results.md").read_text()
 
 
