@@ -33,8 +33,8 @@ from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.tracking import read_metrics
 
 log = logging.getLogger(__name__)
-Reduce = Literal["final", "first", "last", "mean", "median", "min"]
-REDUCES = ("final", "first", "last", "mean", "median", "min")
+Reduce = Literal["final", "first", "last", "mean", "median", "min", "sum"]
+REDUCES = ("final", "first", "last", "mean", "median", "min", "sum")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,8 @@ class PlotSpec:
 class AblationConfig:
     """The grid and its report. ``table`` entries are ``reduce:metric`` (metric may be a glob): ``final`` the value at
     the last step that has it (eval metrics), ``first``/``last`` the mean over the first/last ``window`` steps that
-    have it, ``mean``/``median``/``min`` over all steps (median and min for timings: the first step compiles). ``anchor`` (a variant) adds a table of every variant's ratio to it."""
+    have it, ``mean``/``median``/``min``/``sum`` over all steps (median and min for timings: the first step compiles;
+    ``sum:time/step_s`` is the RL steps' wall time without warm start and evaluation). ``anchor`` (a variant) adds a table of every variant's ratio to it."""
 
     seeds: tuple[int, ...] = (0, 1)
     variants: dict[str, tuple[str, ...]]
@@ -151,7 +152,7 @@ def reduce_metric(rows: list[dict], reduce: Reduce, metric: str, window: int) ->
     if v.size == 0:
         return float("nan")
     return float({"final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(), "mean": v.mean(),
-                  "median": np.median(v), "min": v.min()}[reduce])
+                  "median": np.median(v), "min": v.min(), "sum": v.sum()}[reduce])
 
 
 def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
@@ -189,9 +190,9 @@ def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds
     cell = lambda vs: f"{_fmt(float(np.mean(vs)))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
     text = head + "".join(f"| {name} | {' | '.join(cell(row[c]) for c in columns)} |\n" for name, row in table.items())
     text = (f"Mean over seeds {list(seeds_used)} (each seed in brackets). `final:` the value at the run's last step, "
-            f"`first:`/`last:` the mean of the first/last {ab.window} steps, `mean:`/`median:`/`min:` over all steps; "
-            f"wall_s is each "
-            f"run's wall time (compilation included).\n\n") + text
+            f"`first:`/`last:` the mean of the first/last {ab.window} steps, `mean:`/`median:`/`min:`/`sum:` over all "
+            f"steps; wall_s is each run's wall time (compilation, evaluation and, for the run that trained it, the "
+            f"shared warm start included).\n\n") + text
     if ab.anchor is not None:
         base = {c: float(np.mean(v)) for c, v in table[ab.anchor].items()}
         ratio = lambda name, c: float(np.mean(table[name][c])) / base[c] if base[c] else float("nan")  # noqa: E731

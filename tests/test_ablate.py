@@ -24,6 +24,7 @@ def test_reduce_by_hand():
     assert reduce_metric(rows, "mean", "a", 2) == 3.5 and np.isnan(reduce_metric(rows, "last", "missing", 2))
     rows[1]["a"] = 60.0  # a first step that compiles: the median and min ignore it
     assert reduce_metric(rows, "median", "a", 2) == 4.5 and reduce_metric(rows, "min", "a", 2) == 2.0
+    assert reduce_metric(rows, "sum", "a", 2) == 60 + 2 + 3 + 4 + 5 + 6
 
 
 def test_summary_table_and_ratios_by_hand(tmp_path):
