@@ -58,7 +58,8 @@ class AblationConfig:
     """The grid and its report. ``table`` entries are ``reduce:metric`` (metric may be a glob): ``final`` the value at
     the last step that has it (eval metrics), ``first``/``last`` the mean over the first/last ``window`` steps that
     have it, ``mean``/``median``/``min``/``sum`` over all steps (median and min for timings: the first step compiles;
-    ``sum:time/step_s`` is the RL steps' wall time without warm start and evaluation). ``anchor`` (a variant) adds a table of every variant's ratio to it."""
+    ``sum:time/step_s`` is the RL steps' wall time without warm start and evaluation). ``anchor`` (a variant) adds
+    a table of every variant's ratio to it."""
 
     seeds: tuple[int, ...] = (0, 1)
     variants: dict[str, tuple[str, ...]]
@@ -165,13 +166,13 @@ def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
 
 def summarize(ab: AblationConfig, dirs: dict[str, dict[int, Path]]) -> dict[str, dict[str, list[float]]]:
     """{variant: {"reduce:metric": [value per seed]}} plus "wall_s" (each run's wall time)."""
-    all_rows = [read_metrics(d) for seeds in dirs.values() for d in seeds.values()]
-    columns = [f"{e.partition(':')[0]}:{m}" for e in ab.table for m in _expand([e.partition(":")[2]], all_rows)]
+    rows_of = {d: read_metrics(d) for seeds in dirs.values() for d in seeds.values()}
+    columns = [f"{e.partition(':')[0]}:{m}" for e in ab.table for m in _expand([e.partition(":")[2]], rows_of.values())]
     table: dict[str, dict[str, list[float]]] = {}
     for name, seeds in dirs.items():
         table[name] = {c: [] for c in [*columns, "wall_s"]}
         for run_dir in seeds.values():
-            rows = read_metrics(run_dir)
+            rows = rows_of[run_dir]
             for c in columns:
                 reduce, _, metric = c.partition(":")
                 table[name][c].append(reduce_metric(rows, reduce, metric, ab.window))

@@ -57,8 +57,9 @@ def evaluate(
     mesh: Mesh | None = None,
     min_prompt_bucket: int = 16,
 ) -> dict[str, float]:
-    """``eval/accuracy`` (greedy; ``eval/accuracy/level_<k>`` per difficulty level), ``eval/length`` and, with pass_k > 0, ``eval/pass@k`` (any of k samples correct)
-    and ``eval/mean@k`` (mean sample accuracy) over ``examples``, in fixed-size batches (few compilations).
+    """``eval/accuracy`` (greedy; ``eval/accuracy/level_<k>`` per difficulty level), ``eval/length`` and, with
+    pass_k > 0, ``eval/pass@k`` (any of k samples correct) and ``eval/mean@k`` (mean sample accuracy) over
+    ``examples``, in fixed-size batches (few compilations).
     ``mesh``: the model's mesh; generation is split over its batch axes (see ``generate``)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     common = dict(max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id,

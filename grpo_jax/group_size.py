@@ -33,11 +33,11 @@ def allocate_group_sizes(
     level k / w_p (the water level c at which c·w_p reaches k). Entries are bought in increasing level (ties: the
     lower prompt index first) while their cost L_p fits in what is left of the budget; an entry that does not fit
     is skipped (and so are that prompt's later ones, which cost as much); with ``max_samples`` buying stops once
-    Σ_p n_p reaches it (a fixed number of rollout rows). This is the highest-averages (D'Hondt)
-    integer form of water-filling n_p = clip(c·w_p, min_size, max_size) at the largest affordable level c.
+    Σ_p n_p reaches it (a fixed number of rollout rows). This is the highest-averages (D'Hondt) integer form of
+    water-filling n_p = clip(c·w_p, min_size, max_size) at the largest affordable level c.
 
-    Deterministic; Σ_p n_p L_p <= token_budget, Σ_p n_p <= max_samples and min_size <= n_p <= max_size. Raises if even min_size for every
-    prompt exceeds the budget. Returns int64 (P,).
+    Deterministic; Σ_p n_p L_p <= token_budget, Σ_p n_p <= max_samples and min_size <= n_p <= max_size. Raises if
+    even min_size for every prompt exceeds the budget (or the rows). Returns int64 (P,).
     """
     p_P = np.asarray(prev_success_P, np.float64)
     len_P = np.asarray(mean_length_P, np.float64)

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from grpo_jax import config as config_lib
-from grpo_jax.advantages import compute_advantages_with_state, kl_reward_advantages
+from grpo_jax.advantages import compute_advantages, compute_advantages_with_state, kl_reward_advantages
 from grpo_jax.baselines import RunningMoments
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.critic import add_value_head, value_fn, with_gae
@@ -234,8 +234,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             t_reward = time.perf_counter() - t0 - t_rollout
             rewards_B = np.pad(rewards_B, (0, P * G - n_valid))
             ragged = dict(group_ids_B=None if ids_B is None else jnp.asarray(ids_B), num_groups=P if dyn else None)
-            adv_B, moments = compute_advantages_with_state(jnp.asarray(rewards_B), G if dyn is None else None, adv_cfg,
-                                                           moments, **ragged)
+            group = G if dyn is None else None
+            if adv_cfg.stateful:
+                adv_B, moments = compute_advantages_with_state(jnp.asarray(rewards_B), group, adv_cfg, moments, **ragged)
+            else:
+                adv_B = compute_advantages(jnp.asarray(rewards_B), group, adv_cfg, **ragged)
             keep_B = dynamic_sampling_mask(rewards_B, G) if cfg.train.dynamic_sampling else jnp.ones(P * G, bool)
             keep_B = keep_B & (jnp.arange(P * G) < n_valid)
             ref_fn = (lambda t, m: ref_logprobs(ref_params, t, m)) if need_ref else None  # noqa: E731

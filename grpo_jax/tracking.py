@@ -28,8 +28,8 @@ TIMING_KEYS = ("time/", "throughput/", "compiles", "memory/")  # metrics that le
 
 
 def compiled_stats(jitted, *args, name: str) -> dict[str, float]:
-    """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowering does not run it, so donated args stay valid), per
-    device: ``memory/{name}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` = arguments +
+    """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowering does not run it, so donated args stay
+    valid), per device: ``memory/{name}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` = arguments +
     outputs + temporaries - aliased (donated buffers reused for outputs); empty where the backend gives no analysis.
     (No FLOP count: XLA's cost analysis counts a loop body once, so a micro-batch scan would be undercounted.)"""
     compiled = jitted.lower(*args).compile()

@@ -162,7 +162,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
             def body(acc, mb):
                 (loss_k, stats_k), g_k = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb, den, on_policy)
-                sq_k = optax.tree.norm(g_k, squared=True)
+                sq_k = optax.tree.norm(g_k, squared=True) if cfg.grad_variance else jnp.zeros((), jnp.float32)
                 if acc is None:
                     return (loss_k, stats_k, g_k, sq_k)
                 return (acc[0] + loss_k, objectives.merge(acc[1], stats_k), jax.tree.map(jnp.add, acc[2], g_k),
