@@ -11,7 +11,7 @@ The experiment folder holds its runnable ``config.yaml`` and an ``ablation.yaml`
     table: [final:eval/accuracy, last:length/incorrect_mean]
     plots: [{file: length.png, metrics: [length/correct_mean, length/incorrect_mean]}]
 
-Runs go to ``<out>/<variant>/seed<k>`` and are resumed (or skipped when complete) by a second call. Runs that share
+Runs go to ``<out>/<variant>/seed<k>`` (``out`` local or ``gs://``) and are resumed (or skipped when complete) by a second call. Runs that share
 model, data, warm start and seed share one supervised warm start: the first run's ``warm_start/`` folder is copied
 into the others, which then skip the SFT (``run_setup.warm_start`` reuses a folder that is there).
 """
@@ -21,7 +21,6 @@ import dataclasses
 import fnmatch
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 from grpo_jax import config as config_lib
+from grpo_jax import storage
 from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.tracking import read_metrics
 
@@ -114,20 +114,20 @@ def _warm_key(cfg: ExperimentConfig) -> str | None:
     return json.dumps([config_lib.to_dict(x) for x in (cfg.model, cfg.data, cfg.warm_start)] + [cfg.seed], sort_keys=True)
 
 
-def run_grid(folder: Path, out: Path, ab: AblationConfig, *, quick: bool, overrides=()) -> dict[str, dict[int, Path]]:
+def run_grid(folder: Path, out: storage.Location, ab: AblationConfig, *, quick: bool,
+             overrides=()) -> dict[str, dict[int, storage.Location]]:
     """Train every run of the grid (resuming unfinished ones); returns {variant: {seed: run_dir}}."""
     from grpo_jax.loop import train
 
     runs = grid(folder, ab, quick=quick, overrides=overrides)
-    warm: dict[str, Path] = {}
-    dirs: dict[str, dict[int, Path]] = {}
+    warm: dict[str, storage.Location] = {}
+    dirs: dict[str, dict[int, storage.Location]] = {}
     for i, (name, seed, cfg) in enumerate(runs):
         run_dir = out / name / f"seed{seed}"
         dirs.setdefault(name, {})[seed] = run_dir
         key = _warm_key(cfg)
         if key in warm and not (run_dir / "warm_start").exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(warm[key] / "warm_start", run_dir / "warm_start")
+            storage.copy_tree(warm[key] / "warm_start", run_dir / "warm_start")
         rows = read_metrics(run_dir)
         if rows and rows[-1]["step"] == cfg.train.steps:
             log.info("ablation: %s seed %d is complete; skipped", name, seed)
@@ -164,7 +164,7 @@ def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
     return out
 
 
-def summarize(ab: AblationConfig, dirs: dict[str, dict[int, Path]]) -> dict[str, dict[str, list[float]]]:
+def summarize(ab: AblationConfig, dirs: dict[str, dict[int, storage.Location]]) -> dict[str, dict[str, list[float]]]:
     """{variant: {"reduce:metric": [value per seed]}} plus "wall_s" (each run's wall time)."""
     rows_of = {d: read_metrics(d) for seeds in dirs.values() for d in seeds.values()}
     columns = [f"{e.partition(':')[0]}:{m}" for e in ab.table for m in _expand([e.partition(":")[2]], rows_of.values())]
@@ -202,7 +202,7 @@ def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds
     return text
 
 
-def plot(ab: AblationConfig, dirs: dict[str, dict[int, Path]], report: Path) -> list[Path]:
+def plot(ab: AblationConfig, dirs: dict[str, dict[int, storage.Location]], report: storage.Location) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,7 +229,8 @@ def plot(ab: AblationConfig, dirs: dict[str, dict[int, Path]], report: Path) -> 
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         path = report / spec.file
-        fig.savefig(path, dpi=90)
+        with path.open("wb") as f:  # through the path layer: report may be gs://
+            fig.savefig(f, format="png", dpi=90)
         plt.close(fig)
         files.append(path)
     return files
@@ -239,7 +240,7 @@ def ablate(folder: str | Path, *, out: str | Path | None = None, quick: bool = F
     """Run the grid of ``folder``'s ablation.yaml, then write ``results.md`` and the PNGs into ``out``."""
     folder = Path(folder)
     ab = load_ablation(folder)
-    out = Path(out or Path("runs") / (folder.resolve().name + ("_quick" if quick else "")))
+    out = storage.location(out or Path("runs") / (folder.resolve().name + ("_quick" if quick else "")))
     out.mkdir(parents=True, exist_ok=True)
     dirs = run_grid(folder, out, ab, quick=quick, overrides=overrides)
     table = summarize(ab, dirs)

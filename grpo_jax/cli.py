@@ -1,4 +1,10 @@
-"""Command line: ``grpo-jax train|eval|presets ...``."""
+"""Command line: ``grpo-jax train|eval|ablate|presets ...``.
+
+``--run-dir`` names the output location of ``train``, ``eval`` and ``ablate`` alike: a local folder or
+``gs://bucket/path`` (``grpo_jax.storage``).
+
+Exit codes: 0 done, 2 config error, 3 non-finite loss, 4 checkpoints that exist but none restores, 143 preempted.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from grpo_jax import config, presets
+from grpo_jax import config, presets, storage
 
 
 def _machine_tag() -> str:
@@ -85,21 +91,19 @@ def _maybe_distributed() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from grpo_jax.experiment import load_experiment
+    from grpo_jax.checkpoint import CheckpointError
     from grpo_jax.loop import NonFiniteLoss, Preempted, train
 
     cfg = load_experiment(args.experiment, args.overrides)  # config errors surface before any compute
     _maybe_distributed()
     _enable_compilation_cache()
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.experiment).resolve().name)
+    run_dir = args.run_dir or os.path.join("runs", Path(args.experiment).resolve().name)
     try:
-        summary = train(cfg, run_dir, show_progress=not args.no_progress)
-    except Preempted as e:
+        summary = train(cfg, run_dir, show_progress=not args.no_progress, restart=args.restart)
+    except (Preempted, NonFiniteLoss, CheckpointError) as e:
         print(f"grpo-jax: {e}", file=sys.stderr)
-        return 143
-    except NonFiniteLoss as e:
-        print(f"grpo-jax: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps({"run_dir": str(run_dir), **summary}))
+        return {Preempted: 143, NonFiniteLoss: 3, CheckpointError: 4}[type(e)]
+    print(json.dumps({"run_dir": os.fspath(storage.location(run_dir)), **summary}))
     return 0
 
 
@@ -113,13 +117,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from grpo_jax.rewards import RewardPool
     from grpo_jax.run_setup import load_tokenizer
 
-    cfg = load_experiment(args.experiment, args.overrides)
+    given = ([args.run_dir] if args.run_dir else []) + args.args
+    if len(given) < 2 or "=" in given[1]:
+        raise config.ConfigError("eval needs the model and the experiment: `grpo-jax eval --run-dir DIR EXPERIMENT` "
+                                 "or `grpo-jax eval MODEL EXPERIMENT`")
+    model_arg, experiment, *overrides = given
+    cfg = load_experiment(experiment, overrides)
     _enable_compilation_cache()
-    folder = Path(args.model)
+    folder = storage.location(model_arg)
     folder = folder / "final" if (folder / "final" / "config.json").exists() else folder
+    local = storage.local_copy(folder)  # one download of a gs:// model, for the weights and the tokenizer
     mesh = cfg.mesh.build()
-    tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer == "char" else _folder_tokenizer(folder, cfg)
-    model = load_hf(folder, dtype=cfg.model.dtype, mesh=mesh)
+    tokenizer = load_tokenizer(cfg.model) if cfg.model.tokenizer == "char" else _folder_tokenizer(Path(local), cfg)
+    model = load_hf(local, dtype=cfg.model.dtype, mesh=mesh)
     held_out = build_splits(cfg.data, tokenizer).held_out[: cfg.eval.num_examples]
     if not held_out:
         raise config.ConfigError("data: the experiment has no held-out split (set data.held_out_fraction or held_out_source)")
@@ -129,7 +139,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           pass_k=cfg.eval.pass_k, temperature=cfg.rollout.temperature, key=jax.random.key(cfg.seed),
                           pool=pool, mesh=mesh,
                           min_prompt_bucket=cfg.rollout.min_prompt_bucket)
-    print(json.dumps({"model": str(folder), "examples": len(held_out), **result}))
+    report = json.dumps({"model": os.fspath(folder), "examples": len(held_out), **result})
+    if args.run_dir:
+        (storage.location(args.run_dir) / "eval.json").write_text(report + "\n")
+    print(report)
     return 0
 
 
@@ -147,7 +160,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from grpo_jax.ablate import ablate
 
     _enable_compilation_cache()
-    print(json.dumps(ablate(args.experiment, out=args.out, quick=args.quick, overrides=args.overrides)))
+    print(json.dumps(ablate(args.experiment, out=args.run_dir, quick=args.quick, overrides=args.overrides)))
     return 0
 
 
@@ -165,18 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run (or resume) an experiment folder")
     p.add_argument("experiment", help="experiments/<name> (holding config.yaml) or a YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.loss.beta=0.0 train.steps=20")
-    p.add_argument("--run-dir", help="where config, metrics, checkpoints and the final model go (default runs/<name>)")
+    p.add_argument("--run-dir", help="where config, metrics, checkpoints and the final model go: a folder or "
+                   "gs://bucket/path (default runs/<name>)")
+    p.add_argument("--restart", action="store_true", help="discard the run dir's checkpoints and metrics and start "
+                   "from step 0 (without it a run resumes, and stops if its checkpoints cannot be read)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("eval", help="held-out greedy accuracy (and pass@k) of a run dir or HF folder")
-    p.add_argument("model", help="a run dir (its final/ model) or an HF model folder")
-    p.add_argument("experiment", help="experiments/<name>: the task, rewards and eval settings")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("eval", help="held-out greedy accuracy (and pass@k) of a run dir or HF folder",
+                       usage="grpo-jax eval (--run-dir DIR | MODEL) EXPERIMENT [overrides ...]")
+    p.add_argument("args", nargs="+", metavar="[MODEL] EXPERIMENT [overrides]",
+                   help="MODEL: an HF model folder or a run dir (its final/ model), local or gs://, when --run-dir "
+                   "is not given; EXPERIMENT: experiments/<name> (the task, rewards and eval settings)")
+    p.add_argument("--run-dir", help="the run to evaluate (its final/ model); the result is also written to "
+                   "<run-dir>/eval.json")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("ablate", help="run an experiment's ablation.yaml grid; write results.md and plots")
     p.add_argument("experiment", help="experiments/<name> holding config.yaml and ablation.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    p.add_argument("--out", help="runs and report go here (default runs/<name>, runs/<name>_quick with --quick)")
+    p.add_argument("--run-dir", "--out", dest="run_dir", help="runs and report go here, a folder or gs://bucket/path "
+                   "(default runs/<name>, runs/<name>_quick with --quick); --out is the old name")
     p.add_argument("--quick", action="store_true", help="the grid with ablation.yaml's quick overrides (a smoke run)")
     p.set_defaults(func=_cmd_ablate)
     p = sub.add_parser("presets", help="print the algorithm presets (formula, source, resolved config)")
@@ -188,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options: `train X --run-dir D a.b=1`
-    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+    positional = next((name for name in ("overrides", "args") if hasattr(args, name)), None)
+    if extra and (positional is None or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
-        args.overrides = [*args.overrides, *extra]
+        setattr(args, positional, [*getattr(args, positional), *extra])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+    logging.getLogger("fsspec").setLevel(logging.WARNING)  # gcsfs logs every read at INFO
     try:
         return args.func(args)
     except config.ConfigError as e:

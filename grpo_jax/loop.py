@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +16,17 @@ from flax import nnx
 from tqdm import tqdm
 
 from grpo_jax import config as config_lib
+from grpo_jax import storage
 from grpo_jax.advantages import compute_advantages, compute_advantages_with_state, kl_reward_advantages
 from grpo_jax.baselines import RunningMoments
-from grpo_jax.checkpoint import Checkpointer, abstract_like
+from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, abstract_like
 from grpo_jax.critic import add_value_head, value_fn, with_gae
 from grpo_jax.data import OrderState, batch_at, build_splits
 from grpo_jax.evaluation import accuracy_by_level, decode_completions, encode_prompts, evaluate
 from grpo_jax.group_size import GroupHistory, rollout_rows
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.mesh import batch_size_multiple, shard_batch
-from grpo_jax.multihost import any_process, is_primary, sync, to_host
+from grpo_jax.multihost import is_primary, sync, to_host
 from grpo_jax.objectives import PAIRED
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
@@ -48,10 +47,10 @@ log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of ``step`` was saved."""
+    """The machine is going away (SIGTERM, or JAX's preemption notice); a checkpoint of ``step`` was saved."""
 
     def __init__(self, step: int):
-        super().__init__(f"SIGTERM: saved a checkpoint at step {step}")
+        super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step}")
         self.step = step
 
 
@@ -69,7 +68,7 @@ def validate(cfg: ExperimentConfig, mesh) -> None:
         )
 
 
-def _write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+def _write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
     """Every process checks an existing config.yaml before process 0 (re)writes it."""
     path = run_dir / "config.yaml"
     text = config_lib.to_yaml(cfg)
@@ -126,10 +125,23 @@ def _cost_metrics(train_step, state, batch, ref_logprobs, ref_params, critic_val
     return out
 
 
-def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = True) -> dict:
-    """Run (or resume) the experiment in ``run_dir``. Returns a summary with the first and last eval metrics."""
+def _start_over(run_dir: storage.Location) -> None:
+    """``--restart``: remove the run's checkpoints, metrics and TensorBoard events (the warm start stays)."""
+    if is_primary():
+        for path in (run_dir / "checkpoints", run_dir / "tb", run_dir / "metrics.jsonl"):
+            if path.is_dir():
+                path.rmtree()
+            elif path.exists():
+                path.unlink()
+        log.info("--restart: removed the checkpoints, metrics and events in %s", run_dir)
+    sync("restart")
+
+
+def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart: bool = False) -> dict:
+    """Run (or resume) the experiment in ``run_dir`` (a local path or ``gs://...``). Returns a summary with the
+    first and last eval metrics. ``restart``: discard the run's checkpoints and metrics and start from step 0."""
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
     try:
         mesh = cfg.mesh.build()
     except ValueError as e:
@@ -137,6 +149,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
     validate(cfg, mesh)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg)
+    if restart:
+        _start_over(run_dir)
     tokenizer = load_tokenizer(cfg.model)
     splits = build_splits(cfg.data, tokenizer)
     terms = resolve_rewards(cfg.rewards)
@@ -203,8 +217,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
         model = nnx.merge(graphdef, state.params)
         return evaluate(model, tokenizer, held_out, key=jax.random.fold_in(eval_base_key, step), **eval_kw)
 
-    preempted = []
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    preemption = PreemptionWatch(ckpt)
     summary: dict = {"start_step": start}
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
                disable=not (show_progress and is_primary()), desc="grpo", dynamic_ncols=True)
@@ -303,8 +316,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
             meta = {"order": {"epoch": order.epoch, "position": order.position}}
             if history is not None:
                 meta["groups"] = history.to_json()
-            stop = any_process(bool(preempted))  # all processes save (a collective) and stop at the same step
+            stop = preemption.should_stop(done)  # all processes save (a collective) and stop at the same step
             if done == cfg.train.steps or done % cfg.checkpoint.every == 0 or stop:
+                writer.flush()  # the metrics up to a checkpoint are durable before it is
                 ckpt.save(done, tree(state, ref_params, moments), meta, wait=stop)
             if stop:
                 raise Preempted(done)
@@ -312,7 +326,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, show_progress: bool = T
         if cfg.checkpoint.export_hf:
             export_hf(nnx.merge(graphdef, state.params), run_dir / "final", tokenizer)
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        preemption.close()
         bar.close()
         writer.close()
         ckpt.close()

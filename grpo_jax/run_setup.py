@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax import storage
 from grpo_jax.config import ConfigError
 from grpo_jax.experiment import ExperimentConfig, ModelSection
 from grpo_jax.mesh import shard_model
@@ -50,12 +50,12 @@ def build_policy(cfg: ExperimentConfig, tokenizer, mesh) -> CausalLM:
     return shard_model(build_model(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh)
 
 
-def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_examples, run_dir: Path, mesh) -> CausalLM:
+def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_examples, run_dir, mesh) -> CausalLM:
     """Supervised warm start (once per run dir): trains, saves ``run_dir/warm_start`` as an HF folder, and returns the
     policy *reloaded from that folder*, so a fresh run and a resumed one start from bit-identical weights."""
     if cfg.warm_start is None:
         return policy
-    folder = run_dir / "warm_start"
+    folder = storage.location(run_dir) / "warm_start"
     if not (folder / "config.json").exists():
         from grpo_jax.sft import run_sft
 
@@ -68,16 +68,17 @@ def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_example
     return _load(folder, cfg, mesh)
 
 
-def export_hf(model: CausalLM, folder: Path, tokenizer=None) -> None:
-    """``save_hf`` (and the tokenizer) into ``folder``, called by every process: params that span processes are
-    gathered, process 0 writes, and all return once the files are complete."""
+def export_hf(model: CausalLM, folder, tokenizer=None) -> None:
+    """``save_hf`` (and the tokenizer) into ``folder`` (local or ``gs://``), called by every process: params that
+    span processes are gathered, process 0 writes, and all return once the files are complete."""
     if jax.process_count() > 1:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         model = nnx.merge(graphdef, jax.tree.map(to_host, params), rest)
     if is_primary():
-        save_hf(model, folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        with storage.staged(folder) as local:
+            save_hf(model, local)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(local)
     sync("export_hf")
 
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from grpo_jax import storage
 from grpo_jax.mesh import model_shardings
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.heads import CausalLM, SequenceClassifier, build_model
@@ -71,6 +72,8 @@ def _flat_params(state) -> dict[str, nnx.Variable]:
 
 
 def _resolve_folder(path: str | os.PathLike) -> Path:
+    if storage.is_remote(path):  # gs://...: read through a local copy (safetensors reads local files)
+        return Path(storage.local_copy(path))
     folder = Path(path)
     if folder.is_dir():
         return folder
@@ -145,10 +148,15 @@ def load_hf(
     return nnx.merge(graphdef, state)
 
 
-def save_hf(model: CausalLM | SequenceClassifier, path: str | os.PathLike) -> Path:
-    """Write config.json + model.safetensors (param dtype) into ``path``; transformers' from_pretrained loads it."""
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_hf(model: CausalLM | SequenceClassifier, path: str | os.PathLike) -> str | os.PathLike:
+    """Write config.json + model.safetensors (param dtype) into ``path`` (local or ``gs://``); transformers'
+    from_pretrained loads it."""
+    with storage.staged(path) as local:
+        _save_local(model, Path(local))
+    return path
+
+
+def _save_local(model: CausalLM | SequenceClassifier, folder: Path) -> None:
     cfg: ModelConfig = model.config
     params = _flat_params(nnx.state(model, nnx.Param))
     tensors = {}
@@ -162,4 +170,3 @@ def save_hf(model: CausalLM | SequenceClassifier, path: str | os.PathLike) -> Pa
             tensors |= {hf_name.format(i=i): _to_hf(array[i], layout) for i in range(cfg.num_layers)}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
-    return folder
