@@ -56,11 +56,13 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, restored.state, restored.meta
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
                 errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                log.warning("checkpoint at %s could not be restored (%s); trying the previous one", self.directory,
-                            errors[-1])
+                continue
+            if errors:
+                log.warning("checkpoints in %s that could not be restored were skipped (%s); resumed from step %d",
+                            self.directory, "; ".join(errors), step)
+            return step, restored.state, restored.meta
         if errors:
             raise CheckpointError(f"none of the {len(errors)} checkpoints in {self.directory} could be restored (first "
                                   f"error: {errors[0]}); nothing was changed. Fix the storage and rerun, or start "
