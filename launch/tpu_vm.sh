@@ -28,8 +28,9 @@ flags (a flag wins over its environment variable):
   --zone ZONE              e.g. us-central2-b, us-west4-a            env TPU_ZONE      (required)
   --project PROJECT        GCP project                               env TPU_PROJECT   (default: gcloud config)
   --accelerator-type TYPE  e.g. v4-8, v4-16, v5litepod-8             env TPU_TYPE      (create)
-  --version VERSION        runtime image, e.g. tpu-ubuntu2204-base (v4), v2-alpha-tpuv5-lite (v5e)
-                                                                     env TPU_VERSION   (create)
+  --version VERSION        runtime image                             env TPU_VERSION   (create; default: from
+                           the accelerator type: v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
+                           v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
   --spot | --preemptible   cheaper capacity that can be reclaimed (create)
   --python VERSION         Python of the remote venv (via uv)         env TPU_PYTHON    (default 3.12)
   --run-dir DIR            gs://bucket/path or a path relative to ~/$REMOTE_DIR (run; default runs/EXPERIMENT)
@@ -75,6 +76,17 @@ tpu_vm() {
   local verb=$1 operands=(); shift
   while [[ $# -gt 0 && $1 != -* ]]; do operands+=("$1"); shift; done
   step gcloud compute tpus tpu-vm "$verb" "${operands[@]}" "--zone=$zone" ${project:+"--project=$project"} "$@"
+}
+
+# The TPU software version Google documents for JAX on each generation ("TPU software versions").
+runtime_for() {  # runtime_for ACCELERATOR_TYPE
+  case $1 in
+    v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
 }
 
 need() {  # need VALUE FLAG ENV [hint]
@@ -136,7 +148,8 @@ fi
 case $cmd in
   create)
     need "$accel" --accelerator-type TPU_TYPE "e.g. v4-8, v5litepod-8"
-    need "$version" --version TPU_VERSION "e.g. tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for v5e"
+    version=${version:-$(runtime_for "$accel")} || die "no default --version for accelerator type '$accel': pass \
+--version (expected a type like v4-8, v5litepod-8, v5p-8 or v6e-8)"
     tpu_vm create "$name" "--accelerator-type=$accel" "--version=$version" ${capacity:+"$capacity"}
     ;;
 

@@ -67,6 +67,16 @@ def test_create_passes_type_version_zone_project_and_spot(repo):
     assert "--spot" in cmd and "--preemptible" not in cmd
 
 
+@pytest.mark.parametrize("accel, version", [("v4-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+                                            ("v5litepod-8", "v2-alpha-tpuv5-lite"), ("v5p-16", "v2-alpha-tpuv5"),
+                                            ("v6e-8", "v2-alpha-tpuv6e")])
+def test_version_follows_the_accelerator_type_unless_given(repo, accel, version):
+    [cmd] = dry_run(repo, "create", "--name", "x", "--zone", "z", "--accelerator-type", accel)
+    assert cmd[5] == "x" and flag(cmd, "zone") == "z" and flag(cmd, "version") == version
+    [cmd] = dry_run(repo, "create", "--accelerator-type", accel, "--version", "my-image")
+    assert flag(cmd, "version") == "my-image"
+
+
 def test_flags_come_from_env_and_flags_win(repo):
     env = {**ENV, "TPU_TYPE": "v5litepod-8", "TPU_VERSION": "v2-alpha-tpuv5-lite", "TPU_PROJECT": "env-proj"}
     [cmd] = dry_run(repo, "create", "--preemptible", "--zone", "us-west4-a", env=env)
@@ -153,7 +163,7 @@ def test_delete_is_quiet_and_asks_nothing_in_dry_run(repo):
     (["create"], {"TPU_ZONE": "z"}, "missing --name: pass --name or set TPU_NAME"),
     (["ssh"], {"TPU_NAME": "t"}, "missing --zone: pass --zone or set TPU_ZONE"),
     (["create", "--version", "v"], ENV, "missing --accelerator-type: pass --accelerator-type or set TPU_TYPE"),
-    (["create", "--accelerator-type", "v4-8"], ENV, "missing --version: pass --version or set TPU_VERSION"),
+    (["create", "--accelerator-type", "v9x-8"], ENV, "no default --version for accelerator type 'v9x-8': pass --version"),
     (["create", "--spot", "--preemptible"], ENV, "pass only one of --spot and --preemptible"),
     (["run"], ENV, "missing experiment"),
     (["run", "nope"], ENV, "no experiments/nope/config.yaml"),
