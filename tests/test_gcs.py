@@ -84,6 +84,19 @@ def test_train_on_gcs_resumes_after_kill_9_exactly(tmp_path, gcs, cache):
     assert [r["step"] for r in rows] == list(range(7))
     assert without_timing(rows) == without_timing(bucket_metrics(gcs, "full"))
     same_params(bucket_params(gcs, "killed"), bucket_params(gcs, "full"))
+
+    # grpo-jax eval reads the model from the bucket: a run dir (its final/, report written beside it) or a folder
+    cli = [sys.executable, "-m", "grpo_jax.cli", "eval"]
+    by_run = subprocess.run([*cli, str(exp), "--run-dir", f"gs://{gcs.bucket}/killed"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert by_run.returncode == 0, by_run.stderr
+    report = json.loads(gcs.read("killed/eval.json"))
+    assert report["model"] == f"gs://{gcs.bucket}/killed/final" and report["examples"] == 8
+    assert report == json.loads(by_run.stdout.splitlines()[-1])
+    by_folder = subprocess.run([*cli, f"gs://{gcs.bucket}/full/final", str(exp)], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=600)
+    assert by_folder.returncode == 0, by_folder.stderr
+    assert json.loads(by_folder.stdout.splitlines()[-1])["eval/accuracy"] == report["eval/accuracy"]
     no_local_gs_folder(tmp_path)
 
 
