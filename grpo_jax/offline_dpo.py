@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from grpo_jax import storage
 from grpo_jax.data.iterator import OrderState, batch_indices
 from grpo_jax.losses import DPOConfig, LossConfig
 from grpo_jax.models import CausalLM, token_logprobs
@@ -49,10 +50,10 @@ class OfflineDPOConfig:
             raise ValueError(f"micro_batches={self.micro_batches} must divide batch_pairs={self.batch_pairs}")
 
 
-def load_preference_pairs(path: str | Path) -> list[dict[str, str]]:
+def load_preference_pairs(path: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of a jsonl file, each with string fields prompt, chosen and rejected (other fields are kept)."""
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(storage.location(path).read_text().splitlines(), 1):  # local or gs://
         if not line.strip():
             continue
         row = json.loads(line)

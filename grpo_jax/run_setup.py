@@ -26,7 +26,8 @@ def load_tokenizer(model_cfg: ModelSection):
         return build_char_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path)
+    source = model_cfg.tokenizer or model_cfg.path
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(source) if storage.is_remote(source) else source)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer {model_cfg.tokenizer or model_cfg.path} has neither a pad nor an eos token")
