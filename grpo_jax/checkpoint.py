@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from grpo_jax import storage
-from grpo_jax.multihost import any_process
+from grpo_jax.multihost import any_process, is_primary, sync
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def start_over(run_dir) -> None:
+    """``--restart``: remove a run's checkpoints, metrics and TensorBoard events (its warm start stays)."""
+    run_dir = storage.location(run_dir)
+    if is_primary():
+        for path in (run_dir / "checkpoints", run_dir / "tb", run_dir / "metrics.jsonl"):
+            if path.is_dir():
+                path.rmtree()
+            elif path.exists():
+                path.unlink()
+        log.info("--restart: removed the checkpoints, metrics and events in %s", run_dir)
+    sync("restart")
 
 
 def abstract_like(tree: Any) -> Any:

@@ -19,7 +19,7 @@ from grpo_jax import config as config_lib
 from grpo_jax import storage
 from grpo_jax.advantages import compute_advantages, compute_advantages_with_state, kl_reward_advantages
 from grpo_jax.baselines import RunningMoments
-from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, abstract_like
+from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, abstract_like, start_over
 from grpo_jax.critic import add_value_head, value_fn, with_gae
 from grpo_jax.data import OrderState, batch_at, build_splits
 from grpo_jax.evaluation import accuracy_by_level, decode_completions, encode_prompts, evaluate
@@ -125,18 +125,6 @@ def _cost_metrics(train_step, state, batch, ref_logprobs, ref_params, critic_val
     return out
 
 
-def _start_over(run_dir: storage.Location) -> None:
-    """``--restart``: remove the run's checkpoints, metrics and TensorBoard events (the warm start stays)."""
-    if is_primary():
-        for path in (run_dir / "checkpoints", run_dir / "tb", run_dir / "metrics.jsonl"):
-            if path.is_dir():
-                path.rmtree()
-            elif path.exists():
-                path.unlink()
-        log.info("--restart: removed the checkpoints, metrics and events in %s", run_dir)
-    sync("restart")
-
-
 def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart: bool = False) -> dict:
     """Run (or resume) the experiment in ``run_dir`` (a local path or ``gs://...``). Returns a summary with the
     first and last eval metrics. ``restart``: discard the run's checkpoints and metrics and start from step 0."""
@@ -150,7 +138,7 @@ def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg)
     if restart:
-        _start_over(run_dir)
+        start_over(run_dir)
     tokenizer = load_tokenizer(cfg.model)
     splits = build_splits(cfg.data, tokenizer)
     terms = resolve_rewards(cfg.rewards)
