@@ -1,25 +1,27 @@
 """Score a rollout batch: run every configured reward, clean and weight the values, log per-reward metrics.
 
 Failure policy (a researcher wants the run to survive a bad reward function): a call that raises or times out
-scores 0 and is counted in ``reward/<name>/errors``; a value that is None, NaN, ±inf or not a number scores 0 and
-is counted in ``reward/<name>/invalid``; the first traceback of each (reward, error kind) is logged once per
-process. The returned total is therefore always finite.
+scores 0 and is counted in ``reward/<name>/errors``, and the first traceback of each (reward, error kind) is logged
+once per process; a value that is not a finite real number within ±``MAX_ABS_SCORE`` (None, a string, a list, NaN,
+±inf, an int of 10**400, ...; rules in :func:`~grpo_jax.rewards.scores.as_score`), or a group/batch reward's array
+of the wrong shape, scores 0 and is counted in ``reward/<name>/invalid``; in-process calls left unmade when
+``RewardsConfig.inline_timeout_s`` runs out score 0 and are counted in ``reward/<name>/timed_out``. Invalid and
+timed-out values are logged once per reward per batch. The returned total is therefore always finite.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
 from grpo_jax.rewards.config import RewardSpec, RewardsConfig
-from grpo_jax.rewards.pool import Outcome, RewardPool, run_inline
+from grpo_jax.rewards.pool import BUDGET_SPENT, Outcome, RewardPool, run_inline
 from grpo_jax.rewards.registry import RegisteredReward, check_kwargs, get_reward
+from grpo_jax.rewards.scores import MAX_ABS_SCORE, Invalid, as_score, describe
 from grpo_jax.rewards.shaping import overlong_penalty, zero_variance_fraction
 
 logger = logging.getLogger(__name__)
@@ -109,14 +111,15 @@ def reward_table(
                 if term.reward.isolated:
                     outcomes = pool.map(term.reward.fn, args_list, term.kwargs, timeout_s=cfg.timeout_s)
                 else:
-                    outcomes = run_inline(term.reward.fn, args_list, term.kwargs)
+                    outcomes = run_inline(term.reward.fn, args_list, term.kwargs, budget_s=cfg.inline_timeout_s)
             elif term.reward.kind == "group":
                 spans = [slice(i, i + group_size) for i in range(0, B, group_size)]
                 correct_B = values[term.correct_from] > 0
-                outcomes = _run_blocks(term, [(lengths[s], correct_B[s]) for s in spans], group_size)
+                outcomes = _run_blocks(term, [(lengths[s], correct_B[s]) for s in spans], group_size, cfg)
             else:
-                outcomes = _run_blocks(term, [(list(prompts), list(completions), list(examples))], B)
-            values[name], metrics[f"reward/{name}/errors"], metrics[f"reward/{name}/invalid"] = _clean(name, outcomes)
+                outcomes = _run_blocks(term, [(list(prompts), list(completions), list(examples))], B, cfg)
+            values[name], counts = _clean(name, outcomes)
+            metrics |= {f"reward/{name}/{kind}": float(n) for kind, n in counts.items()}
             metrics[f"reward/{name}/mean"] = float(values[name].mean())
             total_B += term.spec.weight * values[name]
     if cfg.overlong is not None:
@@ -131,30 +134,57 @@ def reward_table(
     return total_B, values, metrics
 
 
-def _run_blocks(term: _Term, args_list: list[tuple], block_size: int) -> list[Outcome]:
+def _run_blocks(term: _Term, args_list: list[tuple], block_size: int, cfg: RewardsConfig) -> list[Outcome]:
     """Call a group or batch reward once per block (a group, or the whole batch); each call must return
-    ``block_size`` values, and a block whose call fails (or returns another shape) errors as a whole."""
+    ``block_size`` values (a block whose call fails errors as a whole; one of another shape is invalid as a whole)."""
     outcomes = []
-    for result in run_inline(term.reward.fn, args_list, term.kwargs):
-        if result.error is None and np.shape(result.value) != (block_size,):
-            result = Outcome(error="ValueError", traceback=f"returned shape {np.shape(result.value)}, want ({block_size},)")
-        outcomes += [result] * block_size if result.error else [Outcome(value=v) for v in np.asarray(result.value)]
+    for result in run_inline(term.reward.fn, args_list, term.kwargs, budget_s=cfg.inline_timeout_s):
+        if result.error:
+            outcomes += [result] * block_size
+        elif (values := _block_values(result.value, block_size)) is None:
+            outcomes += [Outcome(value=Invalid(f"{describe(result.value)}, not {block_size} values"))] * block_size
+        else:
+            outcomes += [Outcome(value=v) for v in values]
     return outcomes
 
 
-def _clean(name: str, outcomes: Sequence[Outcome]) -> tuple[np.ndarray, float, float]:
-    """Values as float64 with failures and non-finite or non-numeric values set to 0, plus the two counts."""
-    values, errors, invalid = np.zeros(len(outcomes), np.float64), 0, 0
+def _block_values(value: object, block_size: int) -> list | None:
+    """The ``block_size`` elements of a 1-D array-like, or None for anything else (never raises)."""
+    try:
+        array = np.asarray(value, dtype=object)
+    except Exception:
+        return None
+    return list(array) if array.shape == (block_size,) else None
+
+
+def _clean(name: str, outcomes: Sequence[Outcome]) -> tuple[np.ndarray, dict[str, int]]:
+    """Values as float64, 0 where a call failed or was not made or its value is not a score, plus the three counts."""
+    values, counts = np.zeros(len(outcomes), np.float64), {"errors": 0, "invalid": 0, "timed_out": 0}
+    first_invalid = None
     for i, outcome in enumerate(outcomes):
-        if outcome.error is not None:
-            errors += 1
+        if outcome.error == BUDGET_SPENT:
+            counts["timed_out"] += 1
+        elif outcome.error is not None:
+            counts["errors"] += 1
             if (name, outcome.error) not in _logged_errors:
                 _logged_errors.add((name, outcome.error))
                 logger.warning(
                     "reward %r: %s (scored 0; logged once per error kind)\n%s", name, outcome.error, outcome.traceback
                 )
-        elif isinstance(outcome.value, Real) and math.isfinite(outcome.value):
-            values[i] = float(outcome.value)
+        elif (score := as_score(outcome.value)) is not None:
+            values[i] = score
         else:
-            invalid += 1
-    return values, float(errors), float(invalid)
+            counts["invalid"] += 1
+            first_invalid = describe(outcome.value) if first_invalid is None else first_invalid
+    if counts["invalid"]:
+        logger.warning(
+            "reward %r: %d of %d values are not finite real numbers within ±%g (scored 0, counted in "
+            "reward/%s/invalid); the first: %s",
+            name, counts["invalid"], len(outcomes), MAX_ABS_SCORE, name, first_invalid,
+        )
+    if counts["timed_out"]:
+        logger.warning(
+            "reward %r: inline_timeout_s spent; %d of %d samples not scored (scored 0, counted in reward/%s/timed_out)",
+            name, counts["timed_out"], len(outcomes), name,
+        )
+    return values, counts

@@ -4,7 +4,10 @@ Workers are 'spawn'ed (never forked: JAX is multithreaded, and a forked copy of 
 is one call ``fn(*args, **kwargs)``; its timeout starts when the worker has unpickled it (imports done), so a cold
 worker importing sympy is not charged for that. A call that raises becomes an :class:`Outcome` with the exception's
 type name and traceback; a call past its timeout, or a worker that dies, gets its worker killed and replaced, so
-the pool keeps its size and the batch carries on.
+the pool keeps its size and the batch carries on. A worker sends back a score, never the returned object: the value
+goes through :func:`~grpo_jax.rewards.scores.as_score` in the worker (a float, or an :class:`Invalid` description).
+
+:func:`run_inline` runs in-process rewards under a per-batch time budget, checked between calls.
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from grpo_jax.rewards.scores import Invalid, as_score, describe
+
 _CTX = multiprocessing.get_context("spawn")
 _STARTED = "started"
+BUDGET_SPENT = "BudgetSpent"  # the error kind of an inline call never started because the batch's budget ran out
 
 
 @dataclass(frozen=True)
 class Outcome:
     """The result of one call: ``value`` when ``error`` is None, else the error kind and its traceback text.
 
-    ``error`` is the exception's type name, ``"Timeout"``, or ``"WorkerDied"``.
+    ``error`` is the exception's type name, ``"Timeout"``, ``"WorkerDied"``, or ``BUDGET_SPENT`` (inline, not run).
     """
 
     value: Any = None
@@ -35,10 +41,25 @@ class Outcome:
     traceback: str | None = None
 
 
-def run_inline(fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any]) -> list[Outcome]:
-    """Call ``fn`` in this process for each args tuple; exceptions become Outcomes (no timeout)."""
-    outcomes = []
-    for args in args_list:
+def run_inline(
+    fn: Callable,
+    args_list: Sequence[tuple],
+    kwargs: dict[str, Any],
+    *,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Outcome]:
+    """Call ``fn`` in this process for each args tuple; exceptions become Outcomes. Values are returned as they are.
+
+    budget_s: a call starts only while less than ``budget_s`` seconds (by ``clock``) have passed since the first
+      call started. The call running when the budget runs out finishes and keeps its value (a call cannot be
+      interrupted in-process); every later one is not made and gets ``Outcome(error=BUDGET_SPENT)``. None: no limit.
+    """
+    outcomes, start = [], clock()
+    for i, args in enumerate(args_list):
+        if budget_s is not None and clock() - start >= budget_s:
+            note = f"not run: {i} of {len(args_list)} calls used the {budget_s}s budget"
+            return outcomes + [Outcome(error=BUDGET_SPENT, traceback=note)] * (len(args_list) - i)
         try:
             outcomes.append(Outcome(value=fn(*args, **kwargs)))
         except Exception as e:  # a reward that raised must not end the run: it is counted and logged upstream
@@ -46,8 +67,13 @@ def run_inline(fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any])
     return outcomes
 
 
+def _scored(value: Any) -> float | Invalid:
+    score = as_score(value)
+    return Invalid(describe(value)) if score is None else score
+
+
 def _serve(conn: Connection) -> None:
-    """Worker main loop: receive a pickled (fn, args, kwargs), acknowledge, call, send the Outcome back."""
+    """Worker main loop: receive a pickled (fn, args, kwargs), acknowledge, call, send the Outcome of its score back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes the pool
     while True:
         try:
@@ -63,7 +89,7 @@ def _serve(conn: Connection) -> None:
             continue
         conn.send(_STARTED)
         try:
-            outcome = Outcome(value=fn(*args, **kwargs))
+            outcome = Outcome(value=_scored(fn(*args, **kwargs)))
         except BaseException as e:
             outcome = Outcome(error=type(e).__name__, traceback=traceback.format_exc())
         try:
@@ -108,7 +134,8 @@ class RewardPool:
         self._workers = [_Worker() for _ in range(num_workers)]
 
     def map(self, fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any], *, timeout_s: float) -> list[Outcome]:
-        """One Outcome per args tuple, in order: ``fn(*args, **kwargs)`` run in a worker under ``timeout_s``."""
+        """One Outcome per args tuple, in order: ``fn(*args, **kwargs)`` run in a worker under ``timeout_s``; a value
+        comes back as a float score or an :class:`Invalid` (see :func:`~grpo_jax.rewards.scores.as_score`)."""
         if not self._workers:
             raise RuntimeError("RewardPool.map: the pool is closed")
         if timeout_s <= 0:
