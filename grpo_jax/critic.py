@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.losses import PPOConfig, ppo_advantages
+from grpo_jax.advantages import ppo_advantages
+from grpo_jax.losses import PPOConfig
 from grpo_jax.mesh import shard_model
 from grpo_jax.models import CausalLM
 from grpo_jax.models.logprobs import logprobs_from_hidden

@@ -17,8 +17,14 @@ from tqdm import tqdm
 
 from grpo_jax import config as config_lib
 from grpo_jax import storage
-from grpo_jax.advantages import compute_advantages, compute_advantages_with_state, kl_reward_advantages
-from grpo_jax.baselines import RunningMoments
+from grpo_jax.advantages import (
+    RunningMoments,
+    compute_advantages,
+    compute_advantages_with_state,
+    kl_reward_advantages,
+    multiscale_advantages,
+    reward_to_go,
+)
 from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, abstract_like, start_over
 from grpo_jax.critic import add_value_head, value_fn, with_gae
 from grpo_jax.data import OrderState, batch_at, build_splits
@@ -31,7 +37,6 @@ from grpo_jax.objectives import PAIRED
 from grpo_jax.rewards import RewardPool, dynamic_sampling_mask, resolve_rewards, reward_table
 from grpo_jax.rollout import generate
 from grpo_jax.run_setup import build_policy, export_hf, load_reference, load_tokenizer, logprob_fn, warm_start
-from grpo_jax.token_advantages import multiscale_advantages, reward_to_go
 from grpo_jax.tracking import MetricsWriter, compile_count, compiled_stats, device_memory, tree_bytes
 from grpo_jax.train_step import (
     Batch,

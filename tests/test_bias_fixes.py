@@ -15,7 +15,7 @@ from grpo_jax.advantages import (
     normalized_advantages,
     reward_to_go,
 )
-from grpo_jax.baselines import RunningMoments, running_moments_update
+from grpo_jax.advantages import RunningMoments, running_moments_update
 from grpo_jax.group_size import allocate_group_sizes, ragged_group_ids
 
 

@@ -6,19 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.advantages import reward_to_go
-from grpo_jax.losses import (
-    LossConfig,
-    PPOConfig,
-    finalize_ppo_stats,
-    gae_advantages,
-    merge_stats,
-    ppo_advantages,
-    ppo_objective_parts,
-    terminal_rewards,
-    value_loss_terms,
-    whiten,
-)
+from grpo_jax.advantages import gae_advantages, ppo_advantages, reward_to_go, terminal_rewards, whiten
+from grpo_jax.losses import LossConfig, PPOConfig, finalize_ppo_stats, merge_stats, ppo_objective_parts, value_loss_terms
 
 NAN = float("nan")
 G, L = 0.9, 0.8  # γ, λ; γλ = 0.72

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from grpo_jax.advantages import AdvantageConfig, compute_advantages_with_state
-from grpo_jax.baselines import RunningMoments
+from grpo_jax.advantages import RunningMoments
 from grpo_jax.data import DataConfig, build_splits
 from grpo_jax.experiment import WarmStartSection
 from grpo_jax.group_size import DynamicGroupConfig, GroupHistory, allocate_group_sizes

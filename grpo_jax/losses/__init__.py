@@ -1,5 +1,5 @@
 """Pure loss functions: per-token terms, KL estimators, aggregation, policy surrogates, the GRPO objective,
-PPO's critic side (GAE, value loss), DPO/IPO and the GRPO+DPO hybrid."""
+PPO's value loss, DPO/IPO and the GRPO+DPO hybrid. (Advantages, GAE included, are in ``grpo_jax.advantages``.)"""
 from grpo_jax.losses.dpo import (
     DPOConfig,
     DPOKind,
@@ -13,22 +13,13 @@ from grpo_jax.losses.dpo import (
 )
 from grpo_jax.losses.objective import LossConfig, finalize_objective_stats, grpo_objective, grpo_objective_parts
 from grpo_jax.losses.policy import finalize_stats, merge_stats, policy_loss, policy_loss_terms
-from grpo_jax.losses.ppo import (
-    PPOConfig,
-    finalize_ppo_stats,
-    gae_advantages,
-    ppo_advantages,
-    ppo_objective_parts,
-    terminal_rewards,
-    value_loss_terms,
-    whiten,
-)
+from grpo_jax.losses.ppo import PPOConfig, finalize_ppo_stats, ppo_objective_parts, value_loss_terms
 from grpo_jax.losses.terms import AggMode, KLKind, PolicyKind, aggregate, aggregate_parts, kl_penalty, masked_mean
 
 __all__ = [
     "AggMode", "DPOConfig", "DPOKind", "KLKind", "LossConfig", "PPOConfig", "PolicyKind", "aggregate", "aggregate_parts",
     "dpo_loss", "dpo_loss_parts", "finalize_dpo_stats", "finalize_objective_stats", "finalize_ppo_stats",
-    "finalize_stats", "gae_advantages", "group_preference_pairs", "grpo_objective", "grpo_objective_parts",
+    "finalize_stats", "group_preference_pairs", "grpo_objective", "grpo_objective_parts",
     "hybrid_loss", "kl_penalty", "masked_mean", "merge_stats", "online_dpo_parts", "policy_loss", "policy_loss_terms",
-    "ppo_advantages", "ppo_objective_parts", "sequence_logps", "terminal_rewards", "value_loss_terms", "whiten",
+    "ppo_objective_parts", "sequence_logps", "value_loss_terms",
 ]

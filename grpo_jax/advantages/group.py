@@ -12,7 +12,7 @@ otherwise turn it into a large spurious advantage.
 Cross-group references (``normalized_advantages`` with baseline "batch" or "running") deliberately break that
 rule: a constant group is measured against a baseline shared across groups, so an all-solved group gets a
 positive advantage when the batch (or the recent past) did worse. Token-level terms on top of the sequence
-advantage: ``multiscale_advantages``, ``kl_reward_advantages``.
+advantage: ``grpo_jax.advantages.tokens``.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.baselines import RunningMoments, running_moments_update, safe_sqrt, scaled, segment_ids, segment_moments
-from grpo_jax.token_advantages import TokenNorm, multiscale_advantages, reward_to_go
+from grpo_jax.advantages.stats import RunningMoments, running_moments_update, safe_sqrt, scaled, segment_ids, segment_moments
+from grpo_jax.advantages.tokens import TokenNorm
 
 Scale = Literal["group", "batch", "none"]
 Estimator = Literal["group", "rloo"]
@@ -244,18 +244,3 @@ def compute_advantages_with_state(
     valid_B = None if group_ids_B is None else (jnp.asarray(group_ids_B) >= 0) & (jnp.asarray(group_ids_B) < num_groups)
     new_state = running_moments_update(state, rewards_B, momentum=cfg.momentum, valid_B=valid_B)
     return _dispatch(rewards_B, group_size, cfg, new_state, group_ids_B, num_groups), new_state
-
-
-def kl_reward_advantages(
-    adv_B: jax.Array, logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, beta: float
-) -> jax.Array:
-    """KL as a per-token reward instead of a loss term (the RLHF/PPO form, Ouyang et al. 2022), for critic-free
-    estimators: the sequence advantage plus the undiscounted return-to-go of the per-token reward -β·k1,
-
-        A_it = A_i - β Σ_{t' >= t} m_it' (logp_it' - ref_it')
-
-    with logp the rollout (behaviour) log-probs. No gradient flows through it. Returns float32 adv_BxT (0 where masked).
-    """
-    mask = jnp.asarray(mask_BxT).astype(bool)
-    k1_BxT = jnp.where(mask, jnp.asarray(logp_BxT, jnp.float32) - jnp.asarray(ref_logp_BxT, jnp.float32), 0.0)
-    return multiscale_advantages(adv_B, -reward_to_go(k1_BxT, mask), mask, alpha=beta)

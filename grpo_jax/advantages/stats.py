@@ -1,7 +1,7 @@
 """Statistics that rewards and token terms are centred and scaled by (pure JAX): masked per-segment moments,
 running moments with exponential forgetting, and masked whitening.
 
-Exactness rule shared with ``grpo_jax.advantages``: when every valid value of a segment is exactly equal
+Exactness rule shared with ``grpo_jax.advantages.group``: when every valid value of a segment is exactly equal
 (max == min), its mean is that value exactly and its spread is exactly 0, so a centred value is exactly 0 rather
 than float32 rounding noise (the mean of (0.1, 0.1, 0.1) computed as sum/3 need not equal 0.1).
 """
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 def _f32(name: str, x, ndim: int) -> jax.Array:
     """``x`` as float32 after checking its rank and that it is numeric (this module imports nothing of the
-    package, so ``grpo_jax.losses`` can use it)."""
+    package, so every other module can use it)."""
     x = jnp.asarray(x)
     if x.ndim != ndim or not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
         raise ValueError(f"{name} must be a {ndim}-D numeric array, got shape {x.shape} dtype {x.dtype}")

@@ -1,7 +1,8 @@
-"""Token-level advantages on top of a sequence-level one (pure JAX): return-to-go and multi-scale advantages.
+"""Token-level advantages on top of a sequence-level one (pure JAX): return-to-go, multi-scale advantages and the
+KL as a per-token reward.
 
-``grpo_jax.advantages`` turns rewards into a per-sequence ``adv_B``; the functions here add a per-token term so the
-policy loss receives ``adv_BxT`` (which ``policy_loss_terms`` accepts as is).
+``grpo_jax.advantages.group`` turns rewards into a per-sequence ``adv_B``; the functions here add a per-token term so
+the policy loss receives ``adv_BxT`` (which ``policy_loss_terms`` accepts as is).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.baselines import segment_ids, whiten
+from grpo_jax.advantages.stats import segment_ids, whiten
 from grpo_jax.losses.terms import as_f32, as_mask
 
 TokenNorm = Literal["none", "batch", "group"]
@@ -57,3 +58,18 @@ def multiscale_advantages(
         mask = mask & valid_B[:, None]
         u = whiten(u, mask, eps=eps, segment_ids_B=ids_B, num_segments=n)
     return jax.lax.stop_gradient(jnp.where(mask, a_B[:, None] + alpha * u, 0.0))
+
+
+def kl_reward_advantages(
+    adv_B: jax.Array, logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, beta: float
+) -> jax.Array:
+    """KL as a per-token reward instead of a loss term (the RLHF/PPO form, Ouyang et al. 2022), for critic-free
+    estimators: the sequence advantage plus the undiscounted return-to-go of the per-token reward -β·k1,
+
+        A_it = A_i - β Σ_{t' >= t} m_it' (logp_it' - ref_it')
+
+    with logp the rollout (behaviour) log-probs. No gradient flows through it. Returns float32 adv_BxT (0 where masked).
+    """
+    mask = jnp.asarray(mask_BxT).astype(bool)
+    k1_BxT = jnp.where(mask, jnp.asarray(logp_BxT, jnp.float32) - jnp.asarray(ref_logp_BxT, jnp.float32), 0.0)
+    return multiscale_advantages(adv_B, -reward_to_go(k1_BxT, mask), mask, alpha=beta)
