@@ -22,7 +22,8 @@ from flax import nnx
 from grpo_jax import perf
 from grpo_jax.losses import LossConfig
 from grpo_jax.models import KVCache, ModelConfig, build_model
-from grpo_jax.train_step import Batch, OptimConfig, StepConfig, init_train_state, make_optimizer, make_train_step
+from grpo_jax.optim import OptimConfig, make_optimizer
+from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
 SIZES = {
     # Qwen2.5-0.5B geometry (494M params with the 151936 vocab)

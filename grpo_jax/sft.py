@@ -23,16 +23,16 @@ from flax import nnx
 from grpo_jax.data.iterator import OrderState, batch_indices
 from grpo_jax.losses import aggregate
 from grpo_jax.models import CausalLM, token_logprobs
+from grpo_jax.optim import OptimConfig, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
-TRACES = {"sft_step": 0}  # how many times the jitted step was traced (= compiled); tests read it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTConfig:
     """steps x batch_size sequences of at most max_len (prompt + target) tokens; AdamW with linear warmup to lr,
     then cosine decay to 0 at ``steps``; gradients clipped to global norm ``max_grad_norm``; weight decay on
-    weight matrices and embeddings only (not norm scales or biases)."""
+    weight matrices and embeddings only (not norm scales or biases). ``optim`` is that optimizer's OptimConfig."""
 
     steps: int = 200
     batch_size: int = 32
@@ -57,6 +57,12 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_len < 2:
             raise ValueError(f"SFTConfig.max_len must be >= 2 (a prompt token and a target token), got {self.max_len}")
+
+    @property
+    def optim(self) -> OptimConfig:
+        """``make_optimizer(cfg.optim, cfg.steps)`` is the SFT optimizer (cosine: decays to 0 at ``steps``)."""
+        return OptimConfig(lr=self.lr, schedule="cosine", warmup_steps=self.warmup_steps,
+                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
 
 
 class SFTBatch(NamedTuple):
@@ -89,35 +95,12 @@ def sft_loss(model: CausalLM, tokens_BxT, attn_mask_BxT, loss_mask_BxT) -> tuple
     return loss, {"loss": loss, "target_tokens": jnp.sum(mask_BxT, dtype=jnp.int32)}
 
 
-def sft_schedule(cfg: SFTConfig) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, decay_steps=cfg.steps, end_value=0.0)
-
-
-def _decayed(params: nnx.State) -> nnx.State:
-    """True for every param except norm scales (``*norm``) and biases (``*_bias``): the AdamW weight-decay mask."""
-
-    def decay(path, _):
-        name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-        return not (name.endswith("norm") or name.endswith("_bias"))
-
-    return jax.tree_util.tree_map_with_path(decay, params)
-
-
-def sft_optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(sft_schedule(cfg), weight_decay=cfg.weight_decay, mask=_decayed),
-    )
-
-
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> Callable:
     """Jitted ``(params, opt_state, batch: SFTBatch) -> (params, opt_state, metrics)``; params = ``nnx.split``'s
     state of a CausalLM. Metrics: loss, target_tokens, grad_norm (before clipping). Params and optimizer state are
     donated (updated in place where the backend allows)."""
 
     def step(params, opt_state, batch: SFTBatch):
-        TRACES["sft_step"] += 1
-
         def loss_fn(p):
             return sft_loss(nnx.merge(graphdef, p), *batch)
 
@@ -174,9 +157,9 @@ def run_sft(
     data = encode_pairs(tokenizer, examples, completion_fn, cfg.max_len)
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(jnp.copy, params)  # the step donates its params; the caller's model keeps its own
-    optimizer = sft_optimizer(cfg)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
     opt_state = optimizer.init(params)
-    schedule = sft_schedule(cfg)
+    schedule = make_schedule(cfg.optim, cfg.steps)
     step_fn = make_sft_step(graphdef, optimizer)
     order, history = OrderState(), []
     log.info("sft: %d examples, %d steps x %d sequences of %d tokens", len(examples), cfg.steps, cfg.batch_size,

@@ -133,7 +133,8 @@ def _tiny_step(grad_variance: bool, micro: int):
 
     from grpo_jax.losses import LossConfig
     from grpo_jax.models import ModelConfig, build_model
-    from grpo_jax.train_step import Batch, OptimConfig, StepConfig, init_train_state, make_optimizer, make_train_step
+    from grpo_jax.optim import OptimConfig, make_optimizer
+    from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
     model = build_model(ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=16, intermediate_size=32,
                                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8), rngs=nnx.Rngs(0))

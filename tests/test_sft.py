@@ -9,11 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
-from grpo_jax import sft
 from grpo_jax.config import ConfigError, from_dict
 from grpo_jax.data import arith_examples, build_char_tokenizer, render_prompt
 from grpo_jax.models import ModelConfig, build_model
-from grpo_jax.sft import SFTBatch, SFTConfig, encode_pairs, make_sft_step, run_sft, sft_loss, sft_optimizer
+from grpo_jax import sft
+from grpo_jax.optim import make_optimizer
+from grpo_jax.sft import SFTBatch, SFTConfig, encode_pairs, make_sft_step, run_sft, sft_loss
+from grpo_jax.tracking import compile_count
 
 V = 32
 
@@ -56,28 +58,33 @@ def test_loss_equals_mean_nll_of_full_log_softmax():
 def test_step_compiles_once_per_shape():
     model = tiny_model()
     graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = sft_optimizer(SFTConfig(steps=10, warmup_steps=0))
+    cfg = SFTConfig(steps=10, warmup_steps=0)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
     opt_state = optimizer.init(params)
     step = make_sft_step(graphdef, optimizer)
-    before = sft.TRACES["sft_step"]
     rng = np.random.default_rng(0)
 
     def batch(B, T):
         tokens = rng.integers(0, V, size=(B, T)).astype(np.int32)
         return SFTBatch(jnp.asarray(tokens), jnp.ones((B, T), bool), jnp.asarray(rng.random((B, T)) < 0.5))
 
-    for _ in range(3):
-        params, opt_state, metrics = step(params, opt_state, batch(4, 8))
-    assert sft.TRACES["sft_step"] == before + 1
+    batches = [batch(4, 8) for _ in range(3)] + [batch(4, 12)]  # built first: their eager ops compile too
+    compiles = []
+    for b in batches:
+        before = compile_count()
+        params, opt_state, metrics = step(params, opt_state, b)
+        compiles.append(compile_count() - before)
+    # one compilation for [4, 8], none for its repeats; the new shape [4, 12] is one more: the counter does count
+    assert compiles == [1, 0, 0, 1]
+    assert step._cache_size() == 2  # the jitted step holds one executable per shape
     assert set(metrics) == {"loss", "target_tokens", "grad_norm"} and np.isfinite(float(metrics["loss"]))
-    step(params, opt_state, batch(4, 12))  # a new shape is a new trace: the counter does count
-    assert sft.TRACES["sft_step"] == before + 2
 
 
 def test_weight_decay_skips_norms_and_biases():
     model = tiny_model()
     params = nnx.split(model, nnx.Param)[1]
-    optimizer = sft_optimizer(SFTConfig(steps=10, warmup_steps=0, weight_decay=0.5))
+    cfg = SFTConfig(steps=10, warmup_steps=0, weight_decay=0.5)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
     updates, _ = jax.jit(optimizer.update)(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
     layers = updates["model"]["layers"]
     for name in ("attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias"):
@@ -115,14 +122,27 @@ def test_pairs_are_left_padded_prompts_then_targets(tok):
         encode_pairs(tok, examples, answer, max_len=8)
 
 
-def test_run_sft_lowers_the_loss_on_a_fixed_batch_and_compiles_once(tok):
+def test_run_sft_lowers_the_loss_on_a_fixed_batch_and_compiles_once(tok, monkeypatch):
     examples = arith(tok, 8)
     model = tiny_model(vocab=len(tok))
     before_params = jax.tree.map(np.array, nnx.split(model, nnx.Param)[1])
-    before = sft.TRACES["sft_step"]
+    steps, real_make_sft_step = [], sft.make_sft_step
+
+    def recording_make_sft_step(graphdef, optimizer):  # counts the compilations inside each call of the step
+        jitted = real_make_sft_step(graphdef, optimizer)
+
+        def call(*args):
+            before = compile_count()
+            out = jitted(*args)
+            steps.append(compile_count() - before)
+            return out
+
+        return call
+
+    monkeypatch.setattr(sft, "make_sft_step", recording_make_sft_step)
     cfg = SFTConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=3, max_len=32, log_every=10)
     trained, history = run_sft(model, tok, examples, cfg, completion_fn=answer)
-    assert sft.TRACES["sft_step"] == before + 1
+    assert steps == [1] + [0] * 29  # the step compiled on step 1 only
     assert [h["step"] for h in history] == list(range(1, 31))
     losses = [h["loss"] for h in history]
     assert losses[0] > 4.0  # ~ log(260) = 5.56 at init
