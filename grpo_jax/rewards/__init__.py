@@ -1,6 +1,6 @@
 """Rewards: the registry and built-in verifiers, group-level length penalty, frozen reward model, batched shaping,
 the timeout worker pool, and ``compute_rewards`` that combines them for a rollout batch."""
-from grpo_jax.rewards.combine import compute_rewards, resolve_rewards, reward_table
+from grpo_jax.rewards.combine import RewardTerm, compute_rewards, resolve_rewards, reward_table
 from grpo_jax.rewards.config import OverlongConfig, RewardSpec, RewardsConfig
 from grpo_jax.rewards.length import length_penalty
 from grpo_jax.rewards.pool import Outcome, RewardPool
@@ -15,6 +15,7 @@ __all__ = [
     "RewardModelScorer",
     "RewardPool",
     "RewardSpec",
+    "RewardTerm",
     "RewardsConfig",
     "answer_tag",
     "compute_rewards",

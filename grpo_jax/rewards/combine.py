@@ -29,15 +29,18 @@ _logged_errors: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Term:
+class RewardTerm:
+    """One configured reward, looked up and checked (``resolve_rewards``)."""
+
     spec: RewardSpec
     reward: RegisteredReward
     kwargs: dict[str, Any]
     correct_from: str | None
 
 
-def resolve_rewards(cfg: RewardsConfig) -> tuple[_Term, ...]:
-    """Look every reward up and check its kwargs, so a typo fails before the first rollout."""
+def resolve_rewards(cfg: RewardsConfig) -> tuple[RewardTerm, ...]:
+    """Look every reward up and check its kwargs, so a typo fails before the first rollout. A run resolves once and
+    passes the terms to every ``reward_table`` / ``compute_rewards`` call (``terms=``)."""
     names = [spec.name for spec in cfg.fns]
     terms = []
     for spec in cfg.fns:
@@ -51,7 +54,7 @@ def resolve_rewards(cfg: RewardsConfig) -> tuple[_Term, ...]:
                     f"({sample_names}), got {correct_from!r}"
                 )
         check_kwargs(reward, kwargs)
-        terms.append(_Term(spec=spec, reward=reward, kwargs=kwargs, correct_from=correct_from))
+        terms.append(RewardTerm(spec=spec, reward=reward, kwargs=kwargs, correct_from=correct_from))
     return tuple(sorted(terms, key=lambda t: t.reward.kind == "group"))  # sample rewards first: groups read them
 
 
@@ -64,10 +67,11 @@ def compute_rewards(
     group_size: int,
     lengths_B: np.ndarray | None = None,
     pool: RewardPool | None = None,
+    terms: Sequence[RewardTerm] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """``(rewards_B float32, metrics)``; see :func:`reward_table`."""
     total_B, _, metrics = reward_table(
-        cfg, prompts, completions, examples, group_size=group_size, lengths_B=lengths_B, pool=pool
+        cfg, prompts, completions, examples, group_size=group_size, lengths_B=lengths_B, pool=pool, terms=terms
     )
     return total_B, metrics
 
@@ -81,23 +85,18 @@ def reward_table(
     group_size: int,
     lengths_B: np.ndarray | None = None,
     pool: RewardPool | None = None,
+    terms: Sequence[RewardTerm] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
     """``(rewards_B float32, {name: values_B}, metrics)`` for B completions laid out as consecutive groups of ``group_size``.
 
     lengths_B: completion lengths in tokens; required for overlong shaping, and used by group rewards
       (otherwise they see character lengths).
     pool: the run's :class:`RewardPool`; without one, a temporary pool is started for isolated rewards.
+    terms: ``resolve_rewards(cfg)``, resolved once by the caller; without them every call resolves ``cfg`` again.
     """
     B = len(completions)
-    if len(prompts) != B or len(examples) != B:
-        raise ValueError(f"compute_rewards: got {len(prompts)} prompts, {B} completions, {len(examples)} examples")
-    if group_size < 1 or B % group_size:
-        raise ValueError(f"compute_rewards: batch size {B} is not a multiple of group_size={group_size}")
-    if lengths_B is not None and np.shape(lengths_B) != (B,):
-        raise ValueError(f"compute_rewards: lengths_B must have shape ({B},), got {np.shape(lengths_B)}")
-    if cfg.overlong is not None and lengths_B is None:
-        raise ValueError("compute_rewards: RewardsConfig.overlong is set, so lengths_B (tokens) must be given")
-    terms = resolve_rewards(cfg)
+    _check_batch(cfg, len(prompts), B, len(examples), group_size, lengths_B)
+    terms = resolve_rewards(cfg) if terms is None else _checked_terms(terms, cfg)
     lengths = np.asarray(lengths_B if lengths_B is not None else [len(c) for c in completions], np.float64)
     values: dict[str, np.ndarray] = {}
     metrics: dict[str, float] = {}
@@ -134,7 +133,27 @@ def reward_table(
     return total_B, values, metrics
 
 
-def _run_blocks(term: _Term, args_list: list[tuple], block_size: int, cfg: RewardsConfig) -> list[Outcome]:
+def _check_batch(cfg: RewardsConfig, P: int, B: int, E: int, group_size: int, lengths_B) -> None:
+    """P prompts, B completions and E examples fit together, the group size and lengths_B (needed for overlong)."""
+    if P != B or E != B:
+        raise ValueError(f"compute_rewards: got {P} prompts, {B} completions, {E} examples")
+    if group_size < 1 or B % group_size:
+        raise ValueError(f"compute_rewards: batch size {B} is not a multiple of group_size={group_size}")
+    if lengths_B is not None and np.shape(lengths_B) != (B,):
+        raise ValueError(f"compute_rewards: lengths_B must have shape ({B},), got {np.shape(lengths_B)}")
+    if cfg.overlong is not None and lengths_B is None:
+        raise ValueError("compute_rewards: RewardsConfig.overlong is set, so lengths_B (tokens) must be given")
+
+
+def _checked_terms(terms: Sequence[RewardTerm], cfg: RewardsConfig) -> Sequence[RewardTerm]:
+    """``terms`` when they are the resolved rewards of ``cfg.fns`` (same specs); else a ValueError naming both."""
+    if {t.spec.name: t.spec for t in terms} != {spec.name: spec for spec in cfg.fns}:  # names are unique
+        raise ValueError(f"compute_rewards: terms resolve {[t.spec.name for t in terms]} but cfg.fns configures "
+                         f"{[s.name for s in cfg.fns]}; pass terms=resolve_rewards(cfg)")
+    return terms
+
+
+def _run_blocks(term: RewardTerm, args_list: list[tuple], block_size: int, cfg: RewardsConfig) -> list[Outcome]:
     """Call a group or batch reward once per block (a group, or the whole batch); each call must return
     ``block_size`` values (a block whose call fails errors as a whole; one of another shape is invalid as a whole)."""
     outcomes = []

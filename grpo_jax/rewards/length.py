@@ -20,10 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from grpo_jax.rewards.registry import register_reward
 
-
-@register_reward("length_penalty", kind="group", isolated=False)
 def length_penalty(
     lengths_N: np.ndarray, correct_N: np.ndarray, *, reference: Literal["group", "correct"] = "group"
 ) -> np.ndarray:

@@ -17,8 +17,6 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from grpo_jax.rewards.registry import register_reward
-
 MIN_BUCKET = 16
 
 
@@ -79,7 +77,6 @@ def cached_scorer(path: str, tokenizer_path: str | None, dtype: str, max_length:
     )
 
 
-@register_reward("reward_model", kind="batch", isolated=False)
 def reward_model(
     prompts: Sequence[str], completions: Sequence[str], examples: Sequence[Mapping[str, Any]], *, path: str,
     tokenizer_path: str | None = None, user_turn: Literal["question", "prompt"] = "question", dtype: str = "float32",

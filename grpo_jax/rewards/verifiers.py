@@ -15,8 +15,6 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Literal
 
-from grpo_jax.rewards.registry import register_reward
-
 # ---------------------------------------------------------------- answer extraction
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
@@ -140,7 +138,6 @@ def math_verify_input(completion: str) -> str | None:
     return "\\boxed{" + boxed + "}" if len(boxed) <= MATH_VERIFY_MAX_CHARS else None
 
 
-@register_reward("math_verify", isolated=True)
 def math_verify(prompt: str, completion: str, example: Mapping[str, Any]) -> float:
     r"""1.0 if the completion's answer is mathematically equivalent to ``example['answer']`` (math-verify).
 
@@ -162,7 +159,6 @@ def math_verify(prompt: str, completion: str, example: Mapping[str, Any]) -> flo
     return float(bool(pred) and verify(gold, pred, timeout_seconds=None))
 
 
-@register_reward("exact_int", isolated=False)
 def exact_int(prompt: str, completion: str, example: Mapping[str, Any]) -> float:
     """1.0 if the last number of the completion's answer equals the integer ``example['answer']``.
 
@@ -176,7 +172,6 @@ def exact_int(prompt: str, completion: str, example: Mapping[str, Any]) -> float
     return float(pred is not None and pred == gold)
 
 
-@register_reward("countdown", isolated=False)
 def countdown(prompt: str, completion: str, example: Mapping[str, Any], *, use_all: bool = False) -> float:
     """1.0 if the answer is an expression over ``example['numbers']`` that equals ``example['target']``.
 
@@ -216,7 +211,6 @@ def _soft_format(text: str) -> bool:
     return bridge is not None and text.find("</answer>", bridge.end()) >= 0
 
 
-@register_reward("format", isolated=False)
 def format_reward(
     prompt: str, completion: str, example: Mapping[str, Any], *, mode: Literal["strict", "soft"] = "strict"
 ) -> float:
