@@ -2,39 +2,55 @@
 
     python -m grpo_jax.memory experiments/qwen25_15b_gsm8k --prompt-len 512   # v4-8, v5e-8 and 1xH100 columns
 
-An estimate of what the arrays of ``loop.train`` hold, not a measurement: XLA adds fusion temporaries, TPU pads a
-last dimension below 128 (head_dim 64: the KV cache) to 128 lanes, and the runtime keeps a reserve. Against
-XLA:CPU's compiled ``memory_analysis()`` of a 4-layer bf16 model (E=256, N=8, V=16384, S=512, 32 sequences) the
-formulas gave: train step with remat +28%, reference log-probs -13%, sampler -15%; without remat -13% with one
-micro-batch but -51% with two (XLA kept more than one micro-batch's values), so without remat read it as a floor.
+What the arrays of ``loop.train`` hold in each phase, counted from the code and from XLA's buffer assignment of the
+jitted functions the loop runs: ``rollout.sample``, ``run_setup.logprob_fn`` and ``train_step.make_train_step``.
+``tests/test_memory.py`` compares each phase with XLA:CPU's compiled ``memory_analysis()`` (arguments + outputs +
+temporaries - aliased, per device) on three float32 configs (1 device, data=2, data=8; remat on and off; 1 and 2
+micro-batches; beta 0 and 0.04): within 6%, and a wider sweep of shapes (E, F, N, K, S, V, C) within 7%, except no
+remat with exactly 2 micro-batches (up to +16%: XLA overlaps the two micro-batches' saved values only in part).
+Left out: XLA:CPU computes bf16 in float32 and keeps float32 copies (bf16 on CPU measured up to 25% above these
+formulas, 38% in the sampler), so bf16 is checked only through the dtype terms; TPU pads a last dimension below 128
+(head_dim 64: the KV cache) to 128 lanes; the runtime's reserve.
+
+Sharding as mesh.py intends it: params and AdamW moments placed by LOGICAL_AXIS_RULES, activations split over the
+batch axes. Not yet so in the code under a mesh that shards params: ``init_train_state`` leaves the moments replicated
+(``optimizer.init`` under jit without output shardings), and with fsdp > 1 XLA splits the activations along E and
+gathers the batch (the model sets no activation sharding). There the columns are what the code should hold: with
+both fixed in a scratch copy, fsdp = 4, 8 and tensor = 2, 4, 8 meshes came within 16% of XLA:CPU.
 
 Notation: L layers, E hidden, F MLP, N heads, K kv heads, H head_dim, V vocab; pb / cb bytes of param_dtype / compute
 dtype; d = mesh data*fsdp (batch shards), t = tensor (N, K, F, V are divided by t where divisible: Nt, Kt, Ft, Vt);
-S = prompt + max_new_tokens; B = batch_prompts*G sequences; b = B/(micro_batches*d) rows of one micro-batch.
+S = prompt + max_new_tokens; B = batch_prompts*G sequences; b = B/(micro_batches*d) rows of one micro-batch;
+C = train.logprob_chunk; p = prompt rows per device (the bucketed prompt count / d).
 
-Resident all step: params (each param's shards as ``mesh.param_sharding`` places them) x pb; AdamW's two moments
+Resident all run: params (each param's shards as ``mesh.param_sharding`` places them) x pb; AdamW's two moments
 (optax keeps them in the params' dtype): 2 x params; the frozen reference (a copy of the policy) when beta > 0.
 Then one phase at a time; the peak is resident + the largest phase:
-  rollout    KV cache 2*L*Kt*H*S*cb per row, for the G rows per prompt plus the prefilled prompt rows they are
-             repeated from; the per-layer weight slices decode reads (the layer params again, pb); the prefill's
-             logits [P, prompt, Vt] in cb and one layer's forward(prompt, S); 4 float32 [rows, V] sampling buffers.
-             The largest of the training rollout and the eval rollouts (greedy, and pass@k samples).
-  reference  log-probs of the whole batch (B/d rows, not micro-batched: loop.build_batch): per row one layer's
-             forward(S, S) and one chunk of float32 logits C*Vt*4 (C = train.logprob_chunk), plus one layer's
-             gathered weights layer params / t x pb and the head E*Vt*cb.
-  train      gradients (pb; twice with micro_batches > 1: the accumulator and this micro-batch's) and one
-             micro-batch's activations: with remat only each layer's input L*b*S*E*cb is kept, without it every
-             layer's values L*b*values(S); plus one layer's working set in the backward (its values and their
-             cotangents, 2*b*values(S)), the head (final hidden, its chunked copy and gradient 3*b*S*E*cb; a chunk
-             of float32 logits and their gradient 2*b*C*Vt*4 -- never [B, S, V], see models/logprobs.py) and one
-             layer's weights gathered over fsdp with their gradient (2 x layer params / t x pb, head 2*E*Vt*cb).
-  values(T, keys) per row = T*(8E + cb*(4E + 2*Nt*H + 2*Kt*H + 6*Ft) + Nt*keys*(4 + cb)): what JAX saves of a
-             layer for its backward (``jax.ad_checkpoint.print_saved_residuals``): the two norms' float32 inputs, four
-             E-vectors, q and the attention output, k and v, six F-vectors, and the float32 softmax output with the
-             compute-dtype probabilities [Nt, T, keys] (no flash attention).
-  forward(T, keys) per row = T*(2E*cb + max(cb*(2*Nt*H + 2*Kt*H) + Nt*keys*(4 + cb), 3*Ft*cb)): a layer run
-             without saving anything: the residual stream in and out, and the larger of attention (q, k, v, scores,
-             probabilities) and the MLP (gate, up, their product).
+  rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
+             XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
+             the largest of: the prefill (the prompt rows' KV cache twice, per-layer buffers and the scan's stacked
+             copy, p*forward(prompt, S), last-position logits p*Vt*cb), the repeat (the prompt rows' cache beside the
+             samples'), decoding (the samples' cache and 4 float32 [p*G, V] sampling buffers). KV cache: 2*L*Kt*H*S*cb
+             per row. The largest of the training rollout and the eval rollouts (greedy, and pass@k samples).
+  reference  one micro-batch at a time (b rows: run_setup.logprob_fn): the head [E, Vt] in cb, one layer's weights
+             gathered over fsdp (layer params / t x pb, fsdp > 1), and the larger of a layer's forward b*forward(S, S)
+             and the head's: hidden states and their chunked copy 2*b*S*E*cb and one chunk of float32 logits b*C*Vt*4.
+  train      gradients (pb; twice with micro_batches > 1: the accumulator and this micro-batch's), each layer's saved
+             values (remat: its input L*b*S*E*cb; without: L*b*values(S, S)), twice with exactly 2 micro-batches (the
+             scan over the second has one step, XLA inlines it and the two overlap), and the larger of
+             a layer's backward: its values (recomputed under remat), the MLP-stage cotangents b*S*cb*(2*Ft + E),
+               and with fsdp > 1 its weights gathered and their gradient (2 x layer params / t x pb);
+             the head's backward, one chunk: three float32 [b, C, Vt] (logits, their gradient and its transposed copy
+               for the weight gradient -- never [B, S, V], see models/logprobs.py), the hidden states and their chunked
+               copy 2*b*S*E*cb, the head [E, Vt] in cb and a second copy of its gradient in pb.
+  values(T, keys) per row = T*(Nt*keys*(9 + cb) + cb*(6*Ft + 2*Nt*H + 2*Kt*H + 5*E) + [cb < 4]*8*E): what JAX saves
+             of a layer for its backward (``jax.ad_checkpoint.print_saved_residuals``): the masked float32 scores and
+             their exp, the probabilities in cb and the bool mask [Nt, T, keys] (no flash attention); six F-vectors;
+             q, the attention output, k, v; the two norms' outputs (2 E-vectors each) and the mid-layer residual; the
+             norms' float32 inputs when cb is narrower.
+  forward(T, keys) per row = T*(2*E*cb + max(Nt*keys*(8 + cb), 3*Ft*cb)): a layer run without saving anything: the
+             residual stream in and out, and the larger of attention (float32 scores and softmax, cb probabilities)
+             and the MLP (gate, up, their product).
 """
 from __future__ import annotations
 
@@ -156,31 +172,40 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     b, C = B // micro_batches // d, min(logprob_chunk, S - 1)
 
     def values(T: int, keys: int) -> int:
-        return T * (8 * E + cb * (4 * E + 2 * Nt * H + 2 * Kt * H + 6 * Ft) + Nt * keys * (4 + cb))
+        return T * (Nt * keys * (9 + cb) + cb * (6 * Ft + 2 * Nt * H + 2 * Kt * H + 5 * E) + (8 * E if cb < 4 else 0))
 
     def forward(T: int, keys: int) -> int:
-        return T * (2 * E * cb + max(cb * (2 * Nt * H + 2 * Kt * H) + Nt * keys * (4 + cb), 3 * Ft * cb))
+        return T * (2 * E * cb + max(Nt * keys * (8 + cb), 3 * Ft * cb))
 
     shapes = param_shapes(cfg)
     params = sum(shard_numel(a, s, sizes) for a, s in shapes) * pb
     stacked = sum(shard_numel(a, s, sizes) for a, s in shapes if a[0] == "layers") * pb
-    layer_t = sum(shard_numel(a, s, {"data": 1, "fsdp": 1, "tensor": t}) for a, s in shapes if a[0] == "layers") // L
+    tensor_only = {"data": 1, "fsdp": 1, "tensor": t}  # a param gathered over fsdp
+    layer_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] == "layers") // L
+    gathered = layer_t * pb if sizes["fsdp"] > 1 else 0  # one layer's weights all-gathered over fsdp
+    # decode's weights: the layer slices; with fsdp > 1 XLA hoists every loop-invariant all-gather out of the loop
+    all_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes) * pb
+    decode_w = all_t + E * Vt * pb if sizes["fsdp"] > 1 else stacked
 
     def rollout(prompts: int, samples: int) -> tuple[int, int]:
         p = -(-bucket(prompts, 1) // d)  # prompt rows per device, padded as rollout.generate pads them
-        kv = 2 * L * Kt * H * S * cb * (p * samples + p)
-        return kv, stacked + p * prompt_len * Vt * cb + p * forward(prompt_len, S) + 4 * p * samples * V * 4
+        row = 2 * L * Kt * H * S * cb  # one row's KV cache
+        kv = row * p * samples
+        prefill = 2 * row * p + p * (forward(prompt_len, S) + Vt * cb)
+        return kv, decode_w + max(prefill - kv, row * p, 4 * p * samples * V * 4)
 
     kv_cache, rollout_work = max((rollout(*r) for r in ((batch_prompts, group_size),) + eval_rollouts), key=sum)
-    saved = L * b * S * E * cb if cfg.remat else L * b * values(S, S)
-    head = b * (3 * S * E * cb + 2 * C * Vt * 4) + 2 * E * Vt * cb
+    overlap = 2 if micro_batches == 2 else 1  # the single-step scan over the second micro-batch is inlined
+    saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, S))
+    layer = b * S * cb * (2 * Ft + E) + (b * values(S, S) if cfg.remat else 0) + 2 * gathered
+    head = b * (3 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb)
     return MemoryEstimate(
         params=params, optimizer=2 * params, reference=params if beta > 0 else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
-        reference_logprobs=(B // d * (forward(S, S) + C * Vt * 4) + layer_t * pb + E * Vt * cb
+        reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, S), b * (2 * S * E * cb + C * Vt * 4))
                             if beta > 0 else 0),
         gradients=params * (2 if micro_batches > 1 else 1),
-        activations=saved + 2 * b * values(S, S) + head + 2 * layer_t * pb,
+        activations=saved + max(layer, head),
     )
 
 
@@ -211,7 +236,7 @@ def model_config(cfg: ExperimentConfig) -> ModelConfig:
 
 
 LABELS = {"params": "params", "optimizer": "AdamW moments", "reference": "reference params",
-          "kv_cache": "rollout: KV cache", "rollout_work": "rollout: weight slices, logits, prefill",
+          "kv_cache": "rollout: KV cache", "rollout_work": "rollout: decode weights, prefill or sampling",
           "reference_logprobs": "reference log-probs", "gradients": "train: gradients",
           "activations": "train: activations (1 micro-batch)"}
 

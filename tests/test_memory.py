@@ -1,16 +1,25 @@
-"""grpo_jax.memory: the estimate's arithmetic by hand, param bytes against a really sharded model, published sizes."""
+"""grpo_jax.memory: the estimate's arithmetic by hand, against XLA's compiled memory of the loop's jitted functions,
+param bytes against a really sharded model, published sizes, and the research READMEs' tables."""
 import dataclasses
+import re
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
 from grpo_jax.experiment import load_experiment
-from grpo_jax.memory import (PUBLISHED_CONFIGS, estimate, estimate_experiment, main, mesh_sizes, model_config,
-                             param_count, shard_numel)
-from grpo_jax.mesh import make_mesh, shard_model
+from grpo_jax.losses import LossConfig
+from grpo_jax.memory import (PUBLISHED_CONFIGS, TARGETS, estimate, estimate_experiment, main, mesh_sizes, model_config,
+                             param_count, shard_numel, table)
+from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import CausalLM, ModelConfig
+from grpo_jax.rollout import SamplingConfig, bucket, sample
+from grpo_jax.run_setup import logprob_fn
+from grpo_jax.tracking import compiled_stats
+from grpo_jax.train_step import (Batch, OptimConfig, StepConfig, init_train_state, make_optimizer, make_train_step,
+                                 state_sharding)
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 # V=16 E=8 F=12 L=2 N=2 K=1 H=4, q/k/v biases, tied embedding
@@ -28,41 +37,111 @@ def test_tiny_estimate_by_hand():
     # embedding 16*8=128 + final norm 8 + 2 layers * 512 = 1160 params, float32: 4640 bytes
     assert param_count(TINY) == 1160
     assert (est.params, est.optimizer, est.reference) == (4640, 2 * 4640, 4640)
-    # KV cache: 2 (k,v) * L=2 * K=1 * H=4 * S=4+4 * 2 bytes = 256 per row; rows: 2 prompts * G=2 + the 2 prompt rows
-    assert est.kv_cache == 256 * (4 + 2)
-    # forward(T, keys) = T*(2*E*cb + max(cb*(2*N*H + 2*K*H) + N*keys*(4+cb), 3*F*cb))
-    #   forward(4, 8) = 4*(32 + max(2*(16+8) + 2*8*6, 72)) = 4*(32 + 144) = 704
-    # rollout work: layer slices 1024*4 = 4096 + prefill logits 2*4*16*2 = 256 + 2 prompts * forward(4, 8) = 1408
-    #   + sampling 4 buffers * 4 rows * V=16 * 4 bytes = 1024
-    assert est.rollout_work == 4096 + 256 + 1408 + 1024
-    # reference: 4 rows * (forward(8, 8) = 8*176 = 1408, + chunk logits C=4 * V=16 * 4 = 256)
-    #   + one gathered layer 512*4 = 2048 + head 8*16*2 = 256
-    assert est.reference_logprobs == 4 * (1408 + 256) + 2048 + 256
+    # KV cache: 2 (k,v) * L=2 * K=1 * H=4 * S=4+4 * 2 bytes = 256 per row; rows: 2 prompts * G=2 samples
+    assert est.kv_cache == 256 * 4
+    # forward(T, keys) = T*(2*E*cb + max(N*keys*(8+cb), 3*F*cb)); forward(4, 8) = 4*(32 + max(2*8*10, 72)) = 768
+    # prefill: the 2 prompt rows' cache twice 2*2*256 = 1024 + 2 * (forward(4, 8) + last logits V*cb = 32) = 2624
+    # rollout work: layer slices 1024*4 = 4096 + max(prefill - KV 2624 - 1024 = 1600, prompt rows' cache 2*256,
+    #   sampling 4 buffers * 4 rows * V=16 * 4 bytes = 1024)
+    assert est.rollout_work == 4096 + 1600
+    # reference, b = 4 sequences / 2 micro-batches = 2 rows, S = 8, C = 4: head 8*16*2 = 256
+    #   + max(2 * forward(8, 8) = 2 * 8*(32 + 160) = 3072, 2 * (hidden 2*8*8*2 = 256 + chunk logits 4*16*4 = 256))
+    assert est.reference_logprobs == 256 + 3072
     assert est.gradients == 2 * 4640  # accumulator + this micro-batch's
-    # b = 4 sequences / 2 micro-batches = 2 rows, S = 8
-    # values(8, 8) = 8*(8*8 + 2*(4*8 + 2*2*4 + 2*1*4 + 6*12) + 2*8*6) = 8*(64 + 256 + 96) = 3328
-    # remat keeps layer inputs 2*2*8*8*2 = 512; working set 2*2*3328 = 13312;
-    # head 2*(3*8*8*2 + 2*4*16*4) + 2*8*16*2 = 1792 + 512 = 2304; one layer's weights and grads 2*512*4 = 4096
-    assert est.activations == 512 + 13312 + 2304 + 4096
-    assert est.phases == {"rollout": 1536 + 6784, "reference": 8960, "train": 9280 + 20224}
-    assert est.total == (4640 + 9280 + 4640) + (9280 + 20224)
+    # values(8, 8) = 8*(N*keys*(9+cb) + cb*(6*F + 2*N*H + 2*K*H + 5*E) + 8*E)
+    #   = 8*(2*8*11 + 2*(72 + 16 + 8 + 40) + 64) = 8*(176 + 272 + 64) = 4096
+    # remat keeps layer inputs L*b*S*E*cb = 2*2*8*8*2 = 512, twice with 2 micro-batches (they overlap) = 1024;
+    # a layer's backward: cotangents 2*8*2*(2*12 + 8) = 1024 + its values 2*4096 = 8192;
+    # head: 2*(3 chunks 3*4*16*4 + hidden 2*8*8*2) + head and gradient copy 8*16*(2+4) = 2048 + 768 = 2816
+    assert est.activations == 1024 + max(1024 + 8192, 2816)
+    assert est.phases == {"rollout": 1024 + 5696, "reference": 3328, "train": 9280 + 10240}
+    assert est.total == (4640 + 9280 + 4640) + (9280 + 10240)
 
 
 def test_remat_beta_and_mesh_change_the_right_parts():
     base = estimate(TINY, ONE, **BATCH)
     no_remat = estimate(dataclasses.replace(TINY, remat=False), ONE, **BATCH)
-    assert no_remat.activations - base.activations == 2 * 2 * 3328 - 512  # every layer's values instead of its input
+    # every layer's values saved (2 micro-batches * 2 layers * 2 rows * 4096) and the larger of the cotangents (1024)
+    # and the head (2816), instead of the layer inputs (1024) and one layer's backward (1024 + 8192)
+    assert no_remat.activations - base.activations == (2 * 2 * 2 * 4096 + 2816) - (1024 + 9216)
     no_ref = estimate(TINY, ONE, **(BATCH | {"beta": 0.0}))
     assert (no_ref.reference, no_ref.reference_logprobs) == (0, 0)
     assert estimate(TINY, ONE, **(BATCH | {"micro_batches": 1})).gradients == 4640
     fsdp = estimate(TINY, {"data": 1, "fsdp": 2, "tensor": 1}, **BATCH)
     # embed [16, 8/2] = 64, final norm 8; per layer norms 8+8, q 32, k 16, v 16, o 32, biases 8+4+4, MLP 3*48 = 272
     assert fsdp.params == (64 + 8 + 2 * 272) * 4
-    assert fsdp.kv_cache == 256 * (2 + 1)  # one prompt and its 2 samples per device
-    # an eval rollout of 8 greedy prompts is larger than the training one (2 prompts x 2): 8 + 8 rows
-    assert estimate(TINY, ONE, **BATCH, eval_rollouts=((8, 1),)).kv_cache == 256 * 16
+    assert fsdp.kv_cache == 256 * 2  # one prompt's 2 samples per device
+    # decode holds every param gathered over fsdp (4640) and the [E, V] head (8*16*4); one prompt row:
+    #   max(prefill 2*256 + (768 + 32) - KV 512 = 800, its cache 256, sampling 4*2*16*4 = 512)
+    assert fsdp.rollout_work == 4640 + 512 + 800
+    # reference: 1 row per micro-batch and device; one layer gathered 512*4 = 2048; max(forward(8, 8) 1536, 256 + 256)
+    assert fsdp.reference_logprobs == 256 + 2048 + 1536
+    # an eval rollout of 8 greedy prompts is larger than the training one (2 prompts x 2 samples)
+    assert estimate(TINY, ONE, **BATCH, eval_rollouts=((8, 1),)).kv_cache == 256 * 8
     with pytest.raises(ValueError, match="micro_batches=3"):
         estimate(TINY, ONE, **(BATCH | {"micro_batches": 3}))
+
+
+# Against XLA's compiled memory analysis of the functions the loop runs, per device: float32 compute (XLA:CPU computes
+# bf16 in float32), meshes that hold the params whole (at this commit a mesh that shards params leaves the AdamW
+# moments replicated, see grpo_jax/memory.py). Three regimes: the head's float32 logit chunks, every layer's saved
+# values without remat, attention over 512 positions with 2 micro-batches.
+SMALL = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2,
+             head_dim=32, qkv_bias=True, tie_word_embeddings=True, dtype="float32", param_dtype="float32")
+RUN = dict(batch_prompts=4, group_size=8, prompt_len=128, max_new_tokens=128, micro_batches=1, beta=0.04,
+           logprob_chunk=128)
+COMPILED = {
+    "1 device, remat, head-bound": (dict(vocab_size=16384, remat=True), 1, {}),
+    "data=8, no remat, beta 0": (dict(vocab_size=4096, remat=False), 8, dict(batch_prompts=8, beta=0.0)),
+    "data=2, remat, 2 micro-batches, attention-bound": (
+        dict(vocab_size=4096, remat=True, num_heads=16, head_dim=16, num_kv_heads=4, intermediate_size=512), 2,
+        dict(batch_prompts=2, prompt_len=256, max_new_tokens=256, micro_batches=2)),
+}
+
+
+def compiled_peaks(cfg: ModelConfig, data: int, run: dict) -> dict[str, float]:
+    """Peak bytes per device (arguments + outputs + temporaries - aliased) of the rollout sampler, the reference pass
+    and the train step, built as loop.train builds them."""
+    mesh = make_mesh(data, 1, 1, devices=jax.devices()[:data])
+    graphdef, params = nnx.split(shard_model(CausalLM(cfg, rngs=nnx.Rngs(0)), mesh))
+    P, G, T0 = run["batch_prompts"], run["group_size"], run["prompt_len"]
+    B, S, m = P * G, T0 + run["max_new_tokens"], run["micro_batches"]
+    rows = -(-bucket(P, 1) // data) * data  # as rollout.generate pads the prompts
+    prompts = shard_batch((np.ones((rows, T0), np.int32), np.ones((rows, T0), bool)), mesh)
+    sampling = SamplingConfig(max_new_tokens=run["max_new_tokens"], num_samples=G)
+    sampler = jax.jit(lambda state, t, mask, key: sample(graphdef, state, t, mask, key, cfg=sampling))
+    peaks = {"rollout": compiled_stats(sampler, params, *prompts, jax.random.key(0), name="m")}
+    optimizer = make_optimizer(OptimConfig(), 1)
+    state = init_train_state(params, optimizer)
+    step = make_train_step(graphdef, optimizer, StepConfig(loss=LossConfig(beta=run["beta"]), micro_batches=m,
+                                                           logprob_chunk=run["logprob_chunk"]),
+                           state_sharding=state_sharding(state))
+    zeros, ones = np.zeros((B, S), np.float32), np.ones((B, S), bool)
+    batch = shard_batch(Batch(tokens_BxS=np.ones((B, S), np.int32), attn_mask_BxS=ones, loss_mask_BxS=ones,
+                              old_logp_BxS=zeros, ref_logp_BxS=zeros if run["beta"] > 0 else None,
+                              adv=np.zeros(B, np.float32)), mesh)
+    peaks["train"] = compiled_stats(step, state, batch, name="m")
+    if run["beta"] > 0:
+        reference = logprob_fn(graphdef, 1.0, run["logprob_chunk"], m)
+        peaks["reference"] = compiled_stats(reference, params, batch.tokens_BxS, batch.attn_mask_BxS, name="m")
+    return {phase: stats["memory/m/peak_bytes"] for phase, stats in peaks.items()}
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_estimate_matches_compiled_memory(name):
+    model, data, run = COMPILED[name]
+    cfg, run = ModelConfig(**SMALL | model), RUN | run
+    est = estimate(cfg, {"data": data, "fsdp": 1, "tensor": 1}, **run)
+    # each compiled function holds its own arguments: the sampler and the train step the policy (and the step its
+    # moments), the reference pass the reference params
+    estimated = {"rollout": est.params + est.phases["rollout"], "reference": est.reference + est.phases["reference"],
+                 "train": est.params + est.optimizer + est.phases["train"]}
+    compiled = compiled_peaks(cfg, data, run)
+    assert set(compiled) == {"rollout", "train"} | ({"reference"} if run["beta"] > 0 else set())
+    errors = {phase: estimated[phase] / peak - 1 for phase, peak in compiled.items()}
+    report = {p: f"{estimated[p] / 2**20:.1f} MiB est vs {compiled[p] / 2**20:.1f} compiled ({e:+.1%})"
+              for p, e in errors.items()}
+    assert all(abs(e) < 0.15 for e in errors.values()), report
 
 
 def test_param_bytes_match_a_sharded_model():
@@ -122,3 +201,15 @@ def test_estimate_experiment_reads_the_config(capsys):
     assert "| | v4-8 | v5e-8 | 1xH100 |" in out and "| mesh data x fsdp x tensor | 1x4x1 | 1x8x1 | 1x1x1 |" in out
     with pytest.raises(ValueError, match="not one of"):
         model_config(load_experiment(EXPERIMENTS / "qwen25_05b_gsm8k", ["model.path=Qwen/Unknown-7B"]))
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in EXPERIMENTS.glob("qwen*")))
+def test_research_readme_tables_match_the_command(folder):
+    """Each research README quotes the output of the command it shows; regenerate with that command."""
+    readme = (EXPERIMENTS / folder / "README.md").read_text()
+    command = re.search(rf"python -m grpo_jax.memory experiments/{folder} --prompt-len (\d+)\n", readme)
+    assert command, f"{folder}/README.md shows no `python -m grpo_jax.memory` command"
+    rows = table(str(EXPERIMENTS / folder), TARGETS, int(command.group(1)), []).split("\n")[2:]
+    assert "\n".join(rows) in readme, f"{folder}/README.md: the table differs from the command's output"
+    percents = re.findall(r"\((\d+)%\)", rows[-1])
+    assert f"the estimated peak is {' / '.join(p + '%' for p in percents)} of HBM" in readme
