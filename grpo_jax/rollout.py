@@ -20,8 +20,6 @@ from jax.sharding import Mesh
 from grpo_jax.mesh import batch_size_multiple, shard_batch
 from grpo_jax.models import CausalLM, KVCache
 
-TRACES = {"sample": 0}  # how many times the jitted core was traced (= compiled); tests and metrics read it
-
 
 @struct.dataclass
 class Rollout:
@@ -103,7 +101,6 @@ def next_token(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tu
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def sample(graphdef, state, prompt_PxL, prompt_mask_PxL, key, *, cfg: SamplingConfig):
     """Pure core: prefill ``[P, L]`` once, repeat the cache G times, decode up to ``max_new_tokens`` per row."""
-    TRACES["sample"] += 1
     model: CausalLM = nnx.merge(graphdef, state)
     P, L = prompt_PxL.shape
     G, T = cfg.num_samples, cfg.max_new_tokens

@@ -9,6 +9,7 @@ from flax import nnx
 from grpo_jax import rollout
 from grpo_jax.models import CausalLM, ModelConfig, build_model, load_hf, token_logprobs
 from grpo_jax.rollout import SamplingConfig, generate, next_token, truncate_logits
+from grpo_jax.tracking import compile_count
 from tiny_hf import PAD, hf_causal_lm
 
 PROMPTS = [[5, 17, 9], [40, 41, 42, 43, 44, 45, 46], [7], [99, 3, 12, 8, 60]]  # ragged
@@ -128,17 +129,28 @@ def test_prefill_runs_once_per_prompt(monkeypatch):
     assert calls == [("hidden_states", (4, 8)), ("__call__", (24, 1))]
 
 
-def test_compilations_bounded_by_buckets():
+def test_compilations_bounded_by_buckets(monkeypatch):
     model = tiny_model()
     rng = np.random.default_rng(0)
-    before = rollout.TRACES["sample"]
-    shapes = set()
+    compiles, real_sample = [], rollout.sample
+
+    def counting_sample(*args, **kwargs):  # the XLA compilations inside each call of the jitted core
+        before = compile_count()
+        out = real_sample(*args, **kwargs)
+        compiles.append(compile_count() - before)
+        return out
+
+    monkeypatch.setattr(rollout, "sample", counting_sample)
+    shapes, new = set(), []
     for i in range(20):
         n = int(rng.integers(1, 5))
         prompts = [list(rng.integers(3, 60, int(rng.integers(1, 40)))) for _ in range(n)]
         generate(model, prompts, max_new_tokens=3, num_samples=2, pad_id=0, rng=i)
-        shapes.add((rollout.bucket(n, 1), rollout.bucket(max(map(len, prompts)))))
-    assert rollout.TRACES["sample"] - before == len(shapes) <= 4 * 6  # count buckets (1-4) x length buckets (8-48)
+        shape = (rollout.bucket(n, 1), rollout.bucket(max(map(len, prompts))))
+        new.append(int(shape not in shapes))
+        shapes.add(shape)
+    # one compilation the first time a (count bucket, length bucket) is seen, none after
+    assert compiles == new and sum(new) == len(shapes) <= 4 * 6  # count buckets (1-4) x length buckets (8-48)
 
 
 def test_bad_arguments_raise():
