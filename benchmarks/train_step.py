@@ -23,6 +23,7 @@ from grpo_jax import perf
 from grpo_jax.losses import LossConfig
 from grpo_jax.models import KVCache, ModelConfig, build_model
 from grpo_jax.optim import OptimConfig, make_optimizer
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
 SIZES = {
@@ -48,7 +49,7 @@ def bench_train(cfg: ModelConfig, B: int, S: int, micro: int, runs: int) -> dict
     graphdef, params = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
     opt = make_optimizer(OptimConfig(lr=1e-6), 100)
     state = init_train_state(params, opt)
-    step = make_train_step(graphdef, opt, StepConfig(loss=LossConfig(beta=0.04), micro_batches=micro),
+    step = make_train_step(graphdef, opt, StepConfig(micro_batches=micro), make_algorithm(loss=LossConfig(beta=0.04)),
                            state_sharding=jax.tree.map(lambda x: x.sharding, state))
     batch = train_batch(cfg, B, S, S // 4)
     memory = step.lower(state, batch).compile().memory_analysis()

@@ -167,7 +167,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 def _cmd_presets(args: argparse.Namespace) -> int:
     names = args.names or sorted(presets.PRESETS)
     for name in names:
-        cfg = presets.AlgoConfig.from_preset(name)
+        cfg = presets.PRESETS[name]()
         print(f"# {name}: {inspect.getdoc(presets.PRESETS[name])}\n{config.to_yaml(cfg)}")
     return 0
 

@@ -9,14 +9,10 @@ same position whose logits give log π(token_t), so ``token_values`` is aligned 
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.advantages import ppo_advantages
-from grpo_jax.losses import PPOConfig
 from grpo_jax.mesh import shard_model
 from grpo_jax.models import CausalLM
 from grpo_jax.models.logprobs import logprobs_from_hidden
@@ -71,16 +67,3 @@ def value_fn(graphdef: nnx.GraphDef):
 
     return fn
 
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def _advantages(rewards_B, values_BxS, mask_BxS, cfg: PPOConfig):
-    return ppo_advantages(rewards_B, values_BxS, mask_BxS, cfg)
-
-
-def with_gae(batch, rewards_B: jax.Array, values, params, cfg: PPOConfig):
-    """The rollout batch for a PPO update: old values V_old = ``values(params, tokens, attn)`` (``value_fn``, before
-    the update, like the old log-probs), token-level GAE advantages and returns from ``ppo_advantages`` over the
-    loss mask (the sequence reward on each row's last completion token)."""
-    old_BxS = values(params, batch.tokens_BxS, batch.attn_mask_BxS)
-    adv_BxS, returns_BxS = _advantages(jnp.asarray(rewards_B, jnp.float32), old_BxS, batch.loss_mask_BxS, cfg)
-    return batch.replace(adv=adv_BxS, old_values_BxS=old_BxS, returns_BxS=returns_BxS)

@@ -19,11 +19,10 @@ from grpo_jax.data import DataConfig
 from grpo_jax.group_size import DynamicGroupConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
-from grpo_jax.objectives import PAIRED
-from grpo_jax.presets import AlgoConfig
+from grpo_jax.algorithms import AlgoConfig, algorithm_class
 from grpo_jax.rewards import RewardsConfig, get_reward
 from grpo_jax.sft import SFTConfig
-from grpo_jax.train_step import OptimConfig
+from grpo_jax.optim import OptimConfig
 
 DType = Literal["float32", "bfloat16"]
 
@@ -193,22 +192,8 @@ class ExperimentConfig:
     warm_start: WarmStartSection | None = None
 
     def __post_init__(self):
-        G, adv, kind = self.rollout.group_size, self.algo.advantage, self.algo.kind
-        if self.train.kl_in_reward and kind != "grpo":
-            raise ValueError(f"train.kl_in_reward is implemented for algo.kind=grpo only, got {kind!r}")
-        if kind in PAIRED and G < 2:
-            raise ValueError(f"algo.kind={kind} pairs the best and worst response of a group; use rollout.group_size >= 2")
-        if kind in PAIRED and self.train.batch_prompts % self.train.micro_batches:
-            raise ValueError(f"algo.kind={kind}: train.micro_batches={self.train.micro_batches} must divide "
-                             f"train.batch_prompts={self.train.batch_prompts} (each micro-batch holds whole groups)")
-        group_adv = kind != "ppo"  # ppo's advantages come from its critic
-        if group_adv and G == 1 and adv.estimator == "group":
-            raise ValueError(
-                f"rollout.group_size=1 with advantage estimator 'group' (scale={adv.scale!r}) gives every sample "
-                "advantage 0; use group_size >= 2"
-            )
-        if group_adv and G == 1 and adv.estimator == "rloo":
-            raise ValueError("rollout.group_size=1 leaves RLOO no other sample for its baseline; use group_size >= 2")
+        algorithm_class(self.algo.kind).check_config(self)  # each kind's own rules
+        G = self.rollout.group_size
         names = [f.name for f in self.rewards.fns]
         if self.eval.correct_reward is not None and self.eval.correct_reward not in names:
             raise ValueError(f"eval.correct_reward={self.eval.correct_reward!r} is not in rewards.fns {names}")
@@ -216,22 +201,14 @@ class ExperimentConfig:
             raise ValueError("train.ref_refresh_every copies the policy into the reference; it cannot be used with model.ref_path")
         if self.train.grad_variance and self.train.micro_batches < 2:
             raise ValueError("train.grad_variance compares micro-batch gradients; set train.micro_batches >= 2")
-        if adv.token_alpha > 0 and (kind != "grpo" or self.train.kl_in_reward):
-            raise ValueError("algo.advantage.token_alpha adds the KL return-to-go to GRPO's advantages: it needs "
-                             f"algo.kind=grpo and train.kl_in_reward=false (got {kind!r}, {self.train.kl_in_reward})")
         dyn = self.rollout.dynamic_group
         if dyn is not None:
-            if kind != "grpo" or self.train.dynamic_sampling or self.train.micro_batches > 1:
-                raise ValueError("rollout.dynamic_group works with algo.kind=grpo, train.dynamic_sampling=false and "
-                                 "train.micro_batches=1 (ragged groups)")
             if dyn.min_size > G:
                 raise ValueError(f"rollout.dynamic_group.min_size={dyn.min_size} must be <= rollout.group_size={G} "
                                  "(the step still has batch_prompts * group_size rows)")
             group_rewards = [f.name for f in self.rewards.fns if get_reward(f.name).kind != "sample"]
             if group_rewards:
                 raise ValueError(f"rollout.dynamic_group: group/batch rewards {group_rewards} need fixed groups")
-        if self.train.kl_in_reward and self.algo.loss.beta == 0:
-            raise ValueError("train.kl_in_reward needs algo.loss.beta > 0 (the KL coefficient)")
 
     @property
     def correct_reward(self) -> str:

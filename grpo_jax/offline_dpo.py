@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax import storage
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.data.iterator import OrderState, batch_indices
 from grpo_jax.losses import DPOConfig, LossConfig
 from grpo_jax.models import CausalLM, token_logprobs
@@ -85,10 +86,10 @@ def run_offline_dpo(
     ref_params = jax.tree.map(jnp.copy, params)  # the step donates the policy's buffers
     ref_logprobs = jax.jit(lambda p, t, m: token_logprobs(nnx.merge(graphdef, p), t, m))
     optimizer = make_optimizer(cfg.optim, cfg.steps)
-    step_cfg = StepConfig(loss=LossConfig(beta=0.0), micro_batches=cfg.micro_batches, kind="dpo", dpo=cfg.dpo,
-                          group_size=2, log_entropy=False)
+    step_cfg = StepConfig(micro_batches=cfg.micro_batches, log_entropy=False)
     state = init_train_state(params, optimizer)
-    train_step = make_train_step(graphdef, optimizer, step_cfg)
+    objective = make_algorithm("dpo", loss=LossConfig(beta=0.0), dpo=cfg.dpo, group_size=2, num_groups=cfg.batch_pairs)
+    train_step = make_train_step(graphdef, optimizer, step_cfg, objective)
     order, history = OrderState(), []
     for step in range(1, cfg.steps + 1):
         idx, order = batch_indices(order, num_examples=len(pairs), batch_size=cfg.batch_pairs, seed=cfg.seed)

@@ -10,31 +10,8 @@ import dataclasses
 from collections.abc import Callable
 
 from grpo_jax.advantages import AdvantageConfig
+from grpo_jax.algorithms.config import AlgoConfig
 from grpo_jax.losses import DPOConfig, LossConfig, PPOConfig
-from grpo_jax.losses.terms import check_choice
-from grpo_jax.objectives import AlgoKind
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AlgoConfig:
-    """``kind`` picks the objective: grpo (``loss`` on ``advantage``), ppo (``loss``'s clipped surrogate on GAE
-    advantages from a learned value head + ``ppo``'s value loss), dpo (``dpo`` on online pairs), hybrid
-    ((1-α)·GRPO + α·DPO on the same rollout batch). Sections a kind does not use are ignored."""
-
-    kind: AlgoKind = "grpo"
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
-    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
-
-    def __post_init__(self):
-        check_choice("kind", self.kind, AlgoKind)
-
-    @classmethod
-    def from_preset(cls, name: str) -> AlgoConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return PRESETS[name]()
 
 
 def grpo() -> AlgoConfig:

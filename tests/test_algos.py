@@ -17,6 +17,7 @@ from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.losses import DPOConfig, LossConfig, PPOConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig, build_model
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.train_step import StepConfig, init_train_state, make_train_step
 from loop_helpers import metrics, tiny_experiment
 from test_train_step import batch as step_batch
@@ -51,10 +52,10 @@ def test_token_values_read_the_hidden_state_before_each_token():
     np.testing.assert_allclose(token_values(model, h, jnp.array([[1, 1, 0, 1]], bool)), [[0.0, 1.5, 0.0, 0.0]])
 
 
-def run_step(step_cfg, b, value_head, lr=1.0):
+def run_step(step_cfg, objective, b, value_head, lr=1.0):
     graphdef, params = nnx.split(tiny_policy(value_head))
     opt = optax.sgd(lr)  # the param change is exactly -lr·grad
-    state, m = make_train_step(graphdef, opt, step_cfg)(init_train_state(params, opt), b)
+    state, m = make_train_step(graphdef, opt, step_cfg, objective)(init_train_state(params, opt), b)
     return m, jax.tree.map(lambda a, c: a - c, state.params, params)
 
 
@@ -83,10 +84,11 @@ CASES = {
 @pytest.mark.parametrize("num_iterations", [1, 2])
 def test_micro_batches_give_the_full_batch_update(name, num_iterations):
     kw, make_batch, value_head = CASES[name]
-    base = StepConfig(loss=LossConfig(agg="token-mean", beta=0.05), num_iterations=num_iterations, **kw)
+    objective = make_algorithm(loss=LossConfig(agg="token-mean", beta=0.05), **kw)
+    base = StepConfig(num_iterations=num_iterations)
     lr = 1.0 if num_iterations == 1 else 0.01  # μ = 2: the second update's gradient is taken after a small step
-    m1, d1 = run_step(base, make_batch(), value_head, lr)
-    m2, d2 = run_step(dataclasses.replace(base, micro_batches=2), make_batch(), value_head, lr)
+    m1, d1 = run_step(base, objective, make_batch(), value_head, lr)
+    m2, d2 = run_step(dataclasses.replace(base, micro_batches=2), objective, make_batch(), value_head, lr)
     assert np.isfinite(m1["loss"]) and m1["grad_norm"] > 0
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6, atol=1e-6)
     for k in m1:
@@ -107,15 +109,15 @@ def test_dpo_loss_of_the_step_matches_the_pairs_by_hand():
     b = pair_batch()
     model = tiny_policy(value_head=False)
     own = token_logprobs(model, b.tokens_BxS, b.attn_mask_BxS)
-    m, _ = run_step(StepConfig(loss=LossConfig(), **CASES["dpo"][0]), b.replace(ref_logp_BxS=own), False)
+    m, _ = run_step(StepConfig(), make_algorithm(**CASES["dpo"][0]), b.replace(ref_logp_BxS=own), False)
     np.testing.assert_allclose(m["loss"], math.log(2.0), rtol=1e-6)
     np.testing.assert_allclose([m["dpo_reward_margin"], m["dpo_reward_accuracy"]], [0.0, 0.0], atol=1e-6)
 
 
 def test_pair_micro_batches_must_hold_whole_groups():
-    cfg = StepConfig(loss=LossConfig(), micro_batches=2, kind="dpo", dpo=DPOConfig(), group_size=8)
+    objective = make_algorithm("dpo", dpo=DPOConfig(), group_size=8)
     with pytest.raises(ValueError, match="must hold whole groups of group_size=8"):
-        run_step(cfg, pair_batch(), False)
+        run_step(StepConfig(micro_batches=2), objective, pair_batch(), False)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +127,7 @@ def test_pair_micro_batches_must_hold_whole_groups():
         ({"preset": "dpo", "dpo": {"beta": 0.0}}, {}, "beta must be > 0"),
         ({"preset": "hybrid", "dpo": {"alpha": 2.0}}, {}, "alpha must be in [0, 1]"),
         ({"preset": "ppo", "ppo": {"lam": 1.5}}, {}, "lam must be in [0, 1]"),
-        ({"kind": "ppx"}, {}, "algo.kind: 'ppx' is not allowed"),
+        ({"kind": "ppx"}, {}, "kind='ppx' is not an algorithm; choose one of ['dpo', 'grpo', 'hybrid', 'ppo']"),
         ({"preset": "dpo"}, {"micro_batches": 3}, "train.micro_batches=3 must divide train.batch_prompts=4"),
         ({"preset": "ppo"}, {"kl_in_reward": True}, "kl_in_reward is implemented for algo.kind=grpo only"),
     ],

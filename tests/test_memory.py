@@ -18,8 +18,9 @@ from grpo_jax.models import CausalLM, ModelConfig
 from grpo_jax.rollout import SamplingConfig, bucket, sample
 from grpo_jax.run_setup import logprob_fn
 from grpo_jax.tracking import compiled_stats
-from grpo_jax.train_step import (Batch, OptimConfig, StepConfig, init_train_state, make_optimizer, make_train_step,
-                                 state_sharding)
+from grpo_jax.algorithms import make_algorithm
+from grpo_jax.optim import OptimConfig, make_optimizer
+from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step, state_sharding
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 # V=16 E=8 F=12 L=2 N=2 K=1 H=4, q/k/v biases, tied embedding
@@ -113,9 +114,8 @@ def compiled_peaks(cfg: ModelConfig, data: int, run: dict) -> dict[str, float]:
     peaks = {"rollout": compiled_stats(sampler, params, *prompts, jax.random.key(0), name="m")}
     optimizer = make_optimizer(OptimConfig(), 1)
     state = init_train_state(params, optimizer)
-    step = make_train_step(graphdef, optimizer, StepConfig(loss=LossConfig(beta=run["beta"]), micro_batches=m,
-                                                           logprob_chunk=run["logprob_chunk"]),
-                           state_sharding=state_sharding(state))
+    step = make_train_step(graphdef, optimizer, StepConfig(micro_batches=m, logprob_chunk=run["logprob_chunk"]),
+                           make_algorithm(loss=LossConfig(beta=run["beta"])), state_sharding=state_sharding(state))
     zeros, ones = np.zeros((B, S), np.float32), np.ones((B, S), bool)
     batch = shard_batch(Batch(tokens_BxS=np.ones((B, S), np.int32), attn_mask_BxS=ones, loss_mask_BxS=ones,
                               old_logp_BxS=zeros, ref_logp_BxS=zeros if run["beta"] > 0 else None,

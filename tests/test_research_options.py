@@ -95,8 +95,9 @@ def test_running_moments_skip_padding_rows():
 def test_kl_multiscale_batch_by_hand():
     from types import SimpleNamespace
 
+    from grpo_jax.algorithms import Scored, build_algorithm
+    from grpo_jax.algorithms.base import rollout_batch
     from grpo_jax.experiment import load_experiment
-    from grpo_jax.loop import build_batch
     from loop_helpers import tiny_experiment, write_experiment
 
     def cfg_with(tmp, **adv):
@@ -109,18 +110,22 @@ def test_kl_multiscale_batch_by_hand():
                          completion_BxT=jnp.array([[1, 2, 3], [1, 2, 0]]),
                          completion_mask_BxT=jnp.array([[1, 1, 1], [1, 1, 0]], bool),
                          logprobs_BxT=jnp.array([[-1.0, -2, -1], [-1, -1, 0]]))
-    ref = lambda tokens, mask: jnp.array([[0.0, -1.5, -1.5, -1.0], [0.0, -2, -1, 0]])  # noqa: E731
+    ref = jnp.array([[0.0, -1.5, -1.5, -1.0], [0.0, -2, -1, 0]])
     adv_B = jnp.array([1.0, -1.0])
+    scored = Scored(rollout=ro, rewards_B=np.zeros(2), keep_B=jnp.ones(2, bool), n_valid=2)
+
+    def build_batch(cfg):  # the GRPO algorithm's token terms on the rollout's batch
+        return build_algorithm(cfg).with_token_terms(rollout_batch(scored), adv_B, ref, scored)
     import tempfile
     from pathlib import Path
 
     tmp = Path(tempfile.mkdtemp())
-    batch = build_batch(ro, adv_B, ref, jnp.ones(2, bool), cfg_with(tmp / "a", token_alpha=0.5))
+    batch = build_batch(cfg_with(tmp / "a", token_alpha=0.5))
     # k1 = logp - ref on completion tokens: row 0 (-1 + 1.5, -2 + 1.5, -1 + 1) = (.5, -.5, 0), row 1 (1, 0);
     # return-to-go: row 0 (0, -.5, 0), row 1 (1, 0); u = -return-to-go; A_it = A_i + .5·u
     np.testing.assert_allclose(batch.adv, [[0, 1.0, 1.25, 1.0], [0, -1.5, -1.0, 0]], atol=1e-6)
     assert batch.ref_logp_BxS is None  # β = 0: the reference served only the token term
-    batch = build_batch(ro, adv_B, ref, jnp.ones(2, bool), cfg_with(tmp / "b", token_alpha=0.5, token_norm="group"))
+    batch = build_batch(cfg_with(tmp / "b", token_alpha=0.5, token_norm="group"))
     # group normalisation of u over the 5 valid tokens (0, .5, 0, -1, 0): mean -.1, squared deviations
     # .01 + .36 + .01 + .81 + .01 = 1.2, population std sqrt(1.2/5)
     z = lambda x: (x + 0.1) / (math.sqrt(1.2 / 5) + 1e-6)  # noqa: E731
@@ -131,6 +136,7 @@ def test_kl_multiscale_batch_by_hand():
 def _tiny_step(grad_variance: bool, micro: int):
     from flax import nnx
 
+    from grpo_jax.algorithms import make_algorithm
     from grpo_jax.losses import LossConfig
     from grpo_jax.models import ModelConfig, build_model
     from grpo_jax.optim import OptimConfig, make_optimizer
@@ -140,8 +146,8 @@ def _tiny_step(grad_variance: bool, micro: int):
                                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     opt = make_optimizer(OptimConfig(lr=1e-3), 1)
-    cfg = StepConfig(loss=LossConfig(agg="token-mean", beta=0.0), micro_batches=micro, grad_variance=grad_variance)
-    step = make_train_step(graphdef, opt, cfg)
+    cfg = StepConfig(micro_batches=micro, grad_variance=grad_variance)
+    step = make_train_step(graphdef, opt, cfg, make_algorithm(loss=LossConfig(agg="token-mean", beta=0.0)))
 
     def batch_of(tokens, adv):
         B, S = tokens.shape
@@ -165,11 +171,10 @@ def test_gradient_spread_by_hand():
     np.testing.assert_allclose(m["grad_rel_var"], 2.0, rtol=1e-4)
     np.testing.assert_allclose(m["grad_var"], 2.0 * float(m["grad_norm"]) ** 2, rtol=1e-4)
     assert "grad_var" not in _tiny_step(False, 2)(jnp.concatenate([half, half]), jnp.concatenate([adv, adv]))
-    from grpo_jax.losses import LossConfig
     from grpo_jax.train_step import StepConfig
 
     with pytest.raises(ValueError, match="needs micro_batches >= 2"):
-        StepConfig(loss=LossConfig(), grad_variance=True)
+        StepConfig(grad_variance=True)
 
 
 def test_compiled_stats_by_hand():

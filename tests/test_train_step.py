@@ -12,6 +12,7 @@ from grpo_jax.advantages import kl_reward_advantages
 from grpo_jax.losses import LossConfig
 from grpo_jax.models import ModelConfig, build_model
 from grpo_jax.optim import OptimConfig, make_optimizer
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
 B, S = 8, 12
@@ -39,11 +40,11 @@ def batch(seed=0, token_adv=False):
                  old_logp_BxS=jnp.asarray(old), ref_logp_BxS=jnp.asarray(ref), adv=jnp.asarray(adv))
 
 
-def run(step_cfg, b, optim=None):
+def run(step_cfg, b, optim=None, loss=None):
     graphdef, params = tiny()
     # plain SGD with lr 1: the param change is exactly -grad, so updates compare gradients
     opt = optim or optax.sgd(1.0)
-    step = make_train_step(graphdef, opt, step_cfg)
+    step = make_train_step(graphdef, opt, step_cfg, make_algorithm("grpo", loss=loss or LossConfig()))
     state, metrics = step(init_train_state(params, opt), b)
     delta = jax.tree.map(lambda a, c: a - c, state.params, params)
     return state, metrics, delta
@@ -55,9 +56,9 @@ def run(step_cfg, b, optim=None):
 def test_micro_batches_give_the_full_batch_update(agg, num_iterations):
     loss = LossConfig(agg=agg, beta=0.04, norm_len=8.0 if agg.endswith("norm") else None)
     b = batch(token_adv=agg == "token-mean")
-    cfg = StepConfig(loss=loss, num_iterations=num_iterations, micro_batches=1)
-    _, m_full, d_full = run(cfg, b)
-    _, m_micro, d_micro = run(dataclasses.replace(cfg, micro_batches=4), b)
+    cfg = StepConfig(num_iterations=num_iterations, micro_batches=1)
+    _, m_full, d_full = run(cfg, b, loss=loss)
+    _, m_micro, d_micro = run(dataclasses.replace(cfg, micro_batches=4), b, loss=loss)
     for a, c in zip(jax.tree.leaves(d_full), jax.tree.leaves(d_micro)):
         np.testing.assert_allclose(a, c, atol=2e-6)
     for k in ("loss", "kl", "clip_frac", "entropy", "grad_norm"):
@@ -66,7 +67,7 @@ def test_micro_batches_give_the_full_batch_update(agg, num_iterations):
 
 
 def test_on_policy_first_ratio_is_exactly_one():
-    _, m, _ = run(StepConfig(loss=LossConfig(beta=0.0)), batch())
+    _, m, _ = run(StepConfig(), batch(), loss=LossConfig(beta=0.0))
     assert float(m["ratio_mean"]) == 1.0 and float(m["clip_frac"]) == 0.0
 
 
@@ -77,7 +78,7 @@ def test_non_finite_update_is_refused():
     opt = make_optimizer(OptimConfig(lr=1e-3), 10)
     state0 = init_train_state(params, opt)
     before = jax.tree.map(np.asarray, state0)  # the step donates its input state
-    state, m = make_train_step(graphdef, opt, StepConfig(loss=LossConfig()))(state0, b)
+    state, m = make_train_step(graphdef, opt, StepConfig(), make_algorithm("grpo"))(state0, b)
     assert float(m["nonfinite"]) == 1.0
     for a, c in zip(jax.tree.leaves(state), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, c)

@@ -1,0 +1,176 @@
+"""The interface every ``algo.kind`` implements, and the records it reads.
+
+An algorithm owns four things; the loop and the train step call them and never test the kind:
+
+1. its passes: ``needs_reference`` (the frozen reference's log-probs), ``needs_values`` (the critic's values of the
+   policy before the update), ``prepare_policy`` (e.g. PPO's value head) and ``stateful`` (running reward moments
+   carried across steps and checkpointed);
+2. ``assemble``: how a scored rollout (``Scored``) becomes its training ``Batch`` (advantages, GAE, pairs), with the
+   host metrics of its advantages;
+3. its objective, per micro-batch, as exact parts: ``forward`` (one decoder pass), ``denominators`` (from the whole
+   batch), ``micro_loss`` (this micro-batch's numerators over those denominators) and ``contiguous`` (micro-batches
+   that must hold whole groups);
+4. ``finalize``: merged micro-batch stats -> the step's metrics.
+
+``check_config`` holds the kind's own config rules; ``grpo_jax.algorithms.registry`` maps ``algo.kind`` to the class.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax.advantages import RunningMoments, compute_advantages, compute_advantages_with_state
+from grpo_jax.algorithms.config import AlgoConfig
+from grpo_jax.losses import LossConfig, aggregate_parts
+from grpo_jax.models import token_logprobs
+from grpo_jax.rollout import Rollout
+from grpo_jax.train_step import Batch
+
+if TYPE_CHECKING:
+    from grpo_jax.experiment import ExperimentConfig
+
+Stats = dict[str, dict[str, jax.Array]]
+LogProbs = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens_BxS, attn_BxS) -> per-token values [B, S]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """A rollout and its rewards: what ``assemble`` turns into a batch. Rows are group-contiguous, or ragged
+    (dynamic group size: ``group_ids_B``, rows from ``n_valid`` on are padding)."""
+
+    rollout: Rollout
+    rewards_B: np.ndarray  # [B] total reward (padding rows 0)
+    keep_B: jax.Array  # rows that carry loss: real, and kept by dynamic sampling
+    n_valid: int
+    group_ids_B: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Passes:
+    """The extra forward passes an algorithm asked for, bound to the current params by the loop."""
+
+    reference: LogProbs | None = None  # the frozen reference's log-probs
+    values: LogProbs | None = None  # the critic's values of the policy before this update
+
+
+def rollout_batch(scored: Scored) -> Batch:
+    """The prompt+completion arrays [B, S] of a rollout; loss on the completion tokens of kept rows only. The
+    advantage is left 0 and no reference is attached: ``assemble`` fills in what its algorithm needs."""
+    ro = scored.rollout
+    tokens = jnp.concatenate([ro.prompt_BxP, ro.completion_BxT], axis=1)
+    attn = jnp.concatenate([ro.prompt_mask_BxP, ro.completion_mask_BxT], axis=1)
+    loss_mask = jnp.concatenate([jnp.zeros_like(ro.prompt_mask_BxP),
+                                 ro.completion_mask_BxT & scored.keep_B[:, None]], axis=1)
+    old_logp = jnp.concatenate([jnp.zeros(ro.prompt_BxP.shape, jnp.float32), ro.logprobs_BxT], axis=1)
+    return Batch(tokens_BxS=tokens, attn_mask_BxS=attn, loss_mask_BxS=loss_mask, old_logp_BxS=old_logp,
+                 ref_logp_BxS=None, adv=jnp.zeros(tokens.shape[:1], jnp.float32))
+
+
+def adv_metrics(adv: np.ndarray) -> dict[str, float]:
+    return {"adv/mean": adv.mean(), "adv/std": adv.std(), "adv/abs_mean": np.abs(adv).mean()}
+
+
+def token_adv_metrics(batch: Batch) -> dict[str, float]:
+    """``adv_metrics`` over the loss tokens of a token-level advantage."""
+    return adv_metrics(np.asarray(batch.adv)[np.asarray(batch.loss_mask_BxS)])
+
+
+def refuse_grpo_options(kind: str, cfg: ExperimentConfig) -> None:
+    """The options only ``algo.kind=grpo`` implements."""
+    if cfg.train.kl_in_reward:
+        raise ValueError(f"train.kl_in_reward is implemented for algo.kind=grpo only, got {kind!r}")
+    if cfg.algo.advantage.token_alpha > 0:
+        raise ValueError("algo.advantage.token_alpha adds the KL return-to-go to GRPO's advantages: it needs "
+                         f"algo.kind=grpo (got {kind!r})")
+    if cfg.rollout.dynamic_group is not None:
+        raise ValueError("rollout.dynamic_group works with algo.kind=grpo (ragged groups)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Algorithm:
+    """Settings every kind reads: ``algo`` as configured, ``loss`` as the step applies it (``norm_len`` filled in,
+    β moved into the reward by ``kl_in_reward``), the group layout and the rollout length."""
+
+    kind: ClassVar[str]
+    contiguous: ClassVar[bool] = False  # micro-batches hold whole groups (pairs are formed inside a micro-batch)
+    needs_values: ClassVar[bool] = False
+
+    algo: AlgoConfig
+    loss: LossConfig
+    group_size: int
+    num_groups: int  # prompts per step
+    kl_in_reward: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> Algorithm:
+        loss = cfg.algo.loss
+        if loss.agg == "seq-mean-token-sum-norm" and loss.norm_len is None:
+            loss = dataclasses.replace(loss, norm_len=float(cfg.rollout.max_new_tokens))
+        if cfg.train.kl_in_reward:
+            loss = dataclasses.replace(loss, beta=0.0)
+        return cls(algo=cfg.algo, loss=loss, group_size=cfg.rollout.group_size, num_groups=cfg.train.batch_prompts,
+                   kl_in_reward=cfg.train.kl_in_reward)
+
+    @classmethod
+    def check_config(cls, cfg: ExperimentConfig) -> None:
+        """Raise ValueError for settings this kind cannot run (called while the experiment config is built)."""
+        refuse_grpo_options(cls.kind, cfg)
+
+    # -- passes ---------------------------------------------------------------------------------------------------
+    @property
+    def needs_reference(self) -> bool:
+        return self.algo.loss.beta > 0
+
+    @property
+    def stateful(self) -> bool:
+        return False
+
+    def prepare_policy(self, policy, mesh):
+        return policy
+
+    # -- batch ----------------------------------------------------------------------------------------------------
+    def assemble(self, scored: Scored, passes: Passes, moments: RunningMoments
+                 ) -> tuple[Batch, RunningMoments, dict[str, float]]:
+        raise NotImplementedError
+
+    def sequence_advantages(self, scored: Scored, moments: RunningMoments) -> tuple[jax.Array, RunningMoments]:
+        """``algo.advantage`` applied to the rewards (contiguous groups, or ragged ones), folding the batch into the
+        running moments when the config uses them."""
+        ragged = scored.group_ids_B is not None
+        kw = dict(group_ids_B=scored.group_ids_B, num_groups=self.num_groups if ragged else None)
+        rewards, group, cfg = jnp.asarray(scored.rewards_B), None if ragged else self.group_size, self.algo.advantage
+        if cfg.stateful:
+            return compute_advantages_with_state(rewards, group, cfg, moments, **kw)
+        return compute_advantages(rewards, group, cfg, **kw), moments
+
+    def reference(self, batch: Batch, passes: Passes) -> jax.Array | None:
+        return passes.reference(batch.tokens_BxS, batch.attn_mask_BxS) if self.needs_reference else None
+
+    # -- objective ------------------------------------------------------------------------------------------------
+    def forward(self, model, mb: Batch, *, temperature: float, chunk_size: int, with_entropy: bool):
+        """(logp_BxS, entropy_BxS or None, values_BxS or None) from one decoder pass."""
+        out = token_logprobs(model, mb.tokens_BxS, mb.attn_mask_BxS, temperature=temperature,
+                             return_entropy=with_entropy, chunk_size=chunk_size)
+        return (out if with_entropy else (out, None)) + (None,)
+
+    def denominators(self, batch: Batch) -> dict[str, jax.Array]:
+        """``pg``: the loss aggregation's denominator over the whole batch's loss mask (1 when it is 0: the loss is
+        then 0)."""
+        den = aggregate_parts(jnp.zeros(batch.loss_mask_BxS.shape), batch.loss_mask_BxS, self.loss.agg,
+                              norm_len=self.loss.norm_len)[1]
+        return {"pg": jnp.where(den > 0, den, 1.0)}
+
+    def check_batch(self, rows: int, micro_batches: int) -> None:
+        """Static checks of the batch layout (rows, micro-batches) at trace time."""
+
+    def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens) -> tuple[jax.Array, Stats]:
+        raise NotImplementedError
+
+    def finalize(self, stats: Stats) -> dict[str, jax.Array]:
+        raise NotImplementedError
+

@@ -1,0 +1,146 @@
+"""``Run``: the parts of a training run that stay fixed while it runs (config, mesh, data, rewards, the algorithm,
+the compiled step and passes, checkpoints, metrics), built once by ``build_run`` with the restored ``RunState``."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+from grpo_jax import config as config_lib
+from grpo_jax import storage
+from grpo_jax.advantages import RunningMoments
+from grpo_jax.algorithms import Algorithm, build_algorithm
+from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, start_over
+from grpo_jax.critic import value_fn
+from grpo_jax.data import OrderState, build_splits
+from grpo_jax.experiment import ExperimentConfig
+from grpo_jax.group_size import GroupHistory
+from grpo_jax.mesh import batch_size_multiple
+from grpo_jax.multihost import is_primary, sync
+from grpo_jax.rewards import RewardPool, resolve_rewards
+from grpo_jax.run_setup import build_policy, load_reference, load_tokenizer, logprob_fn, warm_start
+from grpo_jax.run_state import RunState
+from grpo_jax.tracking import MetricsWriter, compiled_stats, tree_bytes
+from grpo_jax.optim import make_optimizer
+from grpo_jax.train_step import StepConfig, init_train_state, make_train_step, state_sharding
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: ExperimentConfig
+    run_dir: storage.Location
+    mesh: Any
+    tokenizer: Any
+    splits: Any
+    terms: tuple
+    pool: RewardPool | None
+    graphdef: nnx.GraphDef
+    algorithm: Algorithm
+    train_step: Any  # jitted (TrainState, Batch) -> (TrainState, metrics)
+    ref_logprobs: Any  # jitted (ref params, tokens, attn) -> log-probs
+    critic_values: Any  # jitted (params, tokens, attn) -> values, for algorithms that need them
+    ckpt: Checkpointer
+    key: jax.Array  # per-step rollout keys are fold_in(key, step)
+    eval_key: jax.Array
+    eos_ids: list[int]
+    writer: MetricsWriter | None = None
+    preemption: PreemptionWatch | None = None
+
+    @property
+    def refresh_ref(self) -> bool:
+        return self.cfg.train.ref_refresh_every is not None and self.algorithm.needs_reference
+
+    def close(self) -> None:
+        for part in (self.preemption, self.writer, self.ckpt, self.pool):
+            if part is not None:
+                part.close()
+
+
+def validate(cfg: ExperimentConfig, mesh) -> None:
+    """Checks that need the devices; raise before any compute."""
+    B, shards, m = cfg.train.batch_prompts * cfg.rollout.group_size, batch_size_multiple(mesh), cfg.train.micro_batches
+    if B % m or (B // m) % shards:
+        raise config_lib.ConfigError(
+            f"train.batch_prompts * rollout.group_size = {B} sequences must split into train.micro_batches={m} "
+            f"micro-batches that are each divisible by the mesh's data*fsdp = {shards}"
+        )
+
+
+def write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
+    """Every process checks an existing config.yaml before process 0 (re)writes it."""
+    path = run_dir / "config.yaml"
+    text = config_lib.to_yaml(cfg)
+    if path.exists() and path.read_text() != text:
+        raise config_lib.ConfigError(f"{path} holds a different config; resume with the same one or use a new --run-dir")
+    sync("config checked")
+    if is_primary():
+        path.write_text(text)
+
+
+def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params):
+    """(initial TrainState, jitted train step) of the algorithm's objective."""
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps * cfg.train.num_iterations)
+    step_cfg = StepConfig(num_iterations=cfg.train.num_iterations, micro_batches=cfg.train.micro_batches,
+                          temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
+                          log_entropy=cfg.train.log_entropy, grad_variance=cfg.train.grad_variance)
+    state = init_train_state(params, optimizer)
+    return state, make_train_step(graphdef, optimizer, step_cfg, algorithm, state_sharding=state_sharding(state))
+
+
+def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple[Run, RunState, int]:
+    """(run, its state restored from the newest checkpoint, the step it starts at). Config errors are raised before
+    any compute; nothing in ``run_dir`` but ``config.yaml`` (and a warm start) is written before the restore."""
+    try:
+        mesh = cfg.mesh.build()
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh: {e}") from None
+    validate(cfg, mesh)
+    run_dir = storage.location(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+    if restart:
+        start_over(run_dir)
+    tokenizer, algorithm = load_tokenizer(cfg.model), build_algorithm(cfg)
+    splits, terms = build_splits(cfg.data, tokenizer), resolve_rewards(cfg.rewards)
+    policy = warm_start(cfg, build_policy(cfg, tokenizer, mesh), tokenizer, splits.train, run_dir, mesh)
+    graphdef, params = nnx.split(algorithm.prepare_policy(policy, mesh))
+    ref_graphdef, ref_params = (load_reference(cfg, (graphdef, params), mesh) if algorithm.needs_reference
+                                else (graphdef, None))
+    state, train_step = _step(cfg, algorithm, graphdef, params)
+    key, eval_key = jax.random.split(jax.random.key(cfg.seed))
+    run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, tokenizer=tokenizer, splits=splits, terms=terms,
+              pool=RewardPool(cfg.rewards.num_workers) if any(t.reward.isolated for t in terms) else None,
+              graphdef=graphdef, algorithm=algorithm, train_step=train_step,
+              ref_logprobs=logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk,
+                                      cfg.train.micro_batches),
+              critic_values=value_fn(graphdef) if algorithm.needs_values else None,
+              ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save),
+              key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
+    dyn = cfg.rollout.dynamic_group
+    rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
+                  history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,
+                  keep_moments=algorithm.stateful)
+    try:
+        start, rs = rs.restore(run.ckpt)
+        run.writer = MetricsWriter(run_dir)
+        run.writer.truncate_after(start)
+        run.preemption = PreemptionWatch(run.ckpt)
+    except BaseException:
+        run.close()
+        raise
+    return run, rs, start
+
+
+def cost_metrics(run: Run, state, ref_params, batch) -> dict[str, float]:
+    """``train.log_memory``: memory of the compiled train step and of the extra passes the algorithm makes per
+    rollout batch (the reference's log-probs, the critic's values), and the bytes of the reference params it holds."""
+    out = compiled_stats(run.train_step, state, batch, name="train_step")
+    tokens, attn = batch.tokens_BxS, batch.attn_mask_BxS
+    if run.algorithm.needs_reference:
+        out |= compiled_stats(run.ref_logprobs, ref_params, tokens, attn, name="reference_pass")
+        out["memory/reference_params_bytes"] = tree_bytes(ref_params)
+    if run.critic_values is not None:
+        out |= compiled_stats(run.critic_values, state.params, tokens, attn, name="value_pass")
+    return out
