@@ -113,8 +113,14 @@ class Algorithm:
             loss = dataclasses.replace(loss, norm_len=float(cfg.rollout.max_new_tokens))
         if cfg.train.kl_in_reward:
             loss = dataclasses.replace(loss, beta=0.0)
-        return cls(algo=cfg.algo, loss=loss, group_size=cfg.rollout.group_size, num_groups=cfg.train.batch_prompts,
-                   kl_in_reward=cfg.train.kl_in_reward)
+        return cls(algo=cfg.algo, loss=cls.step_loss(loss), group_size=cfg.rollout.group_size,
+                   num_groups=cfg.train.batch_prompts, kl_in_reward=cfg.train.kl_in_reward)
+
+    @classmethod
+    def step_loss(cls, loss: LossConfig) -> LossConfig:
+        """The loss the step applies, from ``algo.loss`` (e.g. without the KL term when the kind puts it in the
+        reward)."""
+        return loss
 
     @classmethod
     def check_config(cls, cfg: ExperimentConfig) -> None:

@@ -27,8 +27,8 @@ def make_algorithm(kind: str = "grpo", *, loss: LossConfig | None = None, group_
                    **sections) -> Algorithm:
     """An algorithm outside a run (a notebook, a test, offline DPO): ``loss`` as the step applies it and the other
     ``AlgoConfig`` sections (``ppo=``, ``dpo=``, ``advantage=``) by keyword."""
-    algo = AlgoConfig(kind=kind, loss=loss or LossConfig(), **sections)
-    return algorithm_class(kind)(algo=algo, loss=algo.loss, group_size=group_size, num_groups=num_groups)
+    algo, cls = AlgoConfig(kind=kind, loss=loss or LossConfig(), **sections), algorithm_class(kind)
+    return cls(algo=algo, loss=cls.step_loss(algo.loss), group_size=group_size, num_groups=num_groups)
 
 
 def build_algorithm(cfg: ExperimentConfig) -> Algorithm:
