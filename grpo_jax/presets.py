@@ -116,6 +116,15 @@ def hybrid() -> AlgoConfig:
     return dataclasses.replace(base, kind="hybrid", dpo=DPOConfig(beta=0.1, alpha=0.5))
 
 
+def reinforce_pp() -> AlgoConfig:
+    """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262): no critic and no per-prompt baseline; the KL is a per-token
+    reward, the advantage is the return-to-go normalised over the whole batch's tokens, token-level clipped loss:
+    ρ_it = r_i·[t = last] - 0.01·(old_it - ref_it),  A_it = (Σ_{t'>=t} ρ_it' - mean_B) / std_B;
+    L = (1/Σ_i|o_i|) Σ_i Σ_t -min(ρ'_it A_it, clip(ρ'_it, 0.8, 1.2) A_it), ρ' the policy ratio.
+    """
+    return AlgoConfig(kind="reinforce_pp", loss=LossConfig(kind="grpo", clip_low=0.2, agg="token-mean", beta=0.01))
+
+
 PRESETS: dict[str, Callable[[], AlgoConfig]] = {
-    f.__name__: f for f in (grpo, dr_grpo, dapo, bnpo, gspo, cispo, ppo, dpo, hybrid)
+    f.__name__: f for f in (grpo, dr_grpo, dapo, bnpo, gspo, cispo, ppo, dpo, hybrid, reinforce_pp)
 }

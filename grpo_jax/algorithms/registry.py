@@ -9,12 +9,13 @@ from grpo_jax.algorithms.dpo import DPO
 from grpo_jax.algorithms.grpo import GRPO
 from grpo_jax.algorithms.hybrid import Hybrid
 from grpo_jax.algorithms.ppo import PPO
+from grpo_jax.algorithms.reinforce_pp import ReinforcePP
 from grpo_jax.losses import LossConfig
 
 if TYPE_CHECKING:
     from grpo_jax.experiment import ExperimentConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.kind: cls for cls in (GRPO, PPO, DPO, Hybrid)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.kind: cls for cls in (GRPO, PPO, DPO, Hybrid, ReinforcePP)}
 
 
 def algorithm_class(kind: str) -> type[Algorithm]:
