@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-
 from flax import nnx
 
 from grpo_jax import perf
@@ -51,7 +50,8 @@ def matmul_floor(model, batch: int, steps: int):
 
         def step(_, x):
             for p in layers:
-                qkv = (jnp.einsum("be,enh->bnh", x, p["q"][...]).sum(1) + jnp.einsum("be,enh->bnh", x, p["k"][...]).sum(1)
+                qkv = (jnp.einsum("be,enh->bnh", x, p["q"][...]).sum(1)
+                       + jnp.einsum("be,enh->bnh", x, p["k"][...]).sum(1)
                        + jnp.einsum("be,enh->bnh", x, p["v"][...]).sum(1))
                 attn = jnp.broadcast_to(qkv[:, None], (batch,) + p["o"].shape[:2])
                 x = x + jnp.einsum("bnh,nhe->be", attn, p["o"][...])
@@ -158,7 +158,8 @@ def main(argv=None):
         "matmul_floor": perf.rates(floor_s, n_tokens),
         "max_ratio_at_matmul_floor": float(np.median(theirs_s) / min(floor_s)),
     }
-    print(f"matmul floor (the decode steps' dense matmuls alone, nothing else): {n_tokens / min(floor_s):,.0f} tokens/s "
+    print(f"matmul floor (the decode steps' dense matmuls alone, nothing else): "
+          f"{n_tokens / min(floor_s):,.0f} tokens/s "
           f"-> at most {result['max_ratio_at_matmul_floor']:.2f}x transformers' median on this machine")
     print(json.dumps(result))
     return result

@@ -20,10 +20,10 @@ import numpy as np
 from flax import nnx
 
 from grpo_jax import perf
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.losses import LossConfig
 from grpo_jax.models import KVCache, ModelConfig, build_model
 from grpo_jax.optim import OptimConfig, make_optimizer
-from grpo_jax.algorithms import make_algorithm
 from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
 SIZES = {

@@ -11,9 +11,10 @@ The experiment folder holds its runnable ``config.yaml`` and an ``ablation.yaml`
     table: [final:eval/accuracy, last:length/incorrect_mean]
     plots: [{file: length.png, metrics: [length/correct_mean, length/incorrect_mean]}]
 
-Runs go to ``<out>/<variant>/seed<k>`` (``out`` local or ``gs://``) and are resumed (or skipped when complete) by a second call. Runs that share
-model, data, warm start and seed share one supervised warm start: the first run's ``warm_start/`` folder is copied
-into the others, which then skip the SFT (``run_setup.warm_start`` reuses a folder that is there).
+Runs go to ``<out>/<variant>/seed<k>`` (``out`` local or ``gs://``) and are resumed (or skipped when complete) by a
+second call. Runs that share model, data, warm start and seed share one supervised warm start: the first run's
+``warm_start/`` folder is copied into the others, which then skip the SFT (``run_setup.warm_start`` reuses a folder
+that is there).
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def grid(folder: Path, ab: AblationConfig, *, quick: bool, overrides=()) -> list
 def _warm_key(cfg: ExperimentConfig) -> str | None:
     if cfg.warm_start is None:
         return None
-    return json.dumps([config_lib.to_dict(x) for x in (cfg.model, cfg.data, cfg.warm_start)] + [cfg.seed], sort_keys=True)
+    return json.dumps([config_lib.to_dict(x) for x in (cfg.model, cfg.data, cfg.warm_start)] + [cfg.seed],
+                      sort_keys=True)
 
 
 def run_grid(folder: Path, out: storage.Location, ab: AblationConfig, *, quick: bool,
@@ -177,7 +179,8 @@ def summarize(ab: AblationConfig, dirs: dict[str, dict[int, storage.Location]]) 
                 reduce, _, metric = c.partition(":")
                 table[name][c].append(reduce_metric(rows, reduce, metric, ab.window))
             summary = run_dir / "summary.json"
-            table[name]["wall_s"].append(json.loads(summary.read_text())["wall_s"] if summary.exists() else float("nan"))
+            table[name]["wall_s"].append(
+                json.loads(summary.read_text())["wall_s"] if summary.exists() else float("nan"))
     return table
 
 

@@ -90,8 +90,8 @@ def _maybe_distributed() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from grpo_jax.experiment import load_experiment
     from grpo_jax.checkpoint import CheckpointError
+    from grpo_jax.experiment import load_experiment
     from grpo_jax.loop import NonFiniteLoss, Preempted, train
 
     cfg = load_experiment(args.experiment, args.overrides)  # config errors surface before any compute
@@ -132,7 +132,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load_hf(local, dtype=cfg.model.dtype, mesh=mesh)
     held_out = build_splits(cfg.data, tokenizer).held_out[: cfg.eval.num_examples]
     if not held_out:
-        raise config.ConfigError("data: the experiment has no held-out split (set data.held_out_fraction or held_out_source)")
+        raise config.ConfigError("data: the experiment has no held-out split "
+                                 "(set data.held_out_fraction or held_out_source)")
     with RewardPool(cfg.rewards.num_workers) as pool:
         result = evaluate(model, tokenizer, held_out, rewards=cfg.rewards, correct_reward=cfg.correct_reward,
                           max_new_tokens=cfg.rollout.max_new_tokens, batch_prompts=cfg.eval.batch_prompts,

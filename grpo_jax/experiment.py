@@ -14,15 +14,15 @@ from typing import Literal
 
 import numpy as np
 
+from grpo_jax.algorithms import AlgoConfig, algorithm_class
 from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
 from grpo_jax.group_size import DynamicGroupConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
-from grpo_jax.algorithms import AlgoConfig, algorithm_class
+from grpo_jax.optim import OptimConfig
 from grpo_jax.rewards import RewardsConfig, get_reward
 from grpo_jax.sft import SFTConfig
-from grpo_jax.optim import OptimConfig
 
 DType = Literal["float32", "bfloat16"]
 
@@ -97,7 +97,8 @@ class WarmStartSection:
             try:
                 text = template.format(**ex)
             except KeyError as e:
-                raise ValueError(f"warm_start target {template!r} uses field {e}; the examples have {sorted(ex)}") from None
+                raise ValueError(
+                    f"warm_start target {template!r} uses field {e}; the examples have {sorted(ex)}") from None
             return text + self.tail_char * tails.get(ex["question"], 0)
 
         return target
@@ -198,7 +199,8 @@ class ExperimentConfig:
         if self.eval.correct_reward is not None and self.eval.correct_reward not in names:
             raise ValueError(f"eval.correct_reward={self.eval.correct_reward!r} is not in rewards.fns {names}")
         if self.train.ref_refresh_every is not None and self.model.ref_path is not None:
-            raise ValueError("train.ref_refresh_every copies the policy into the reference; it cannot be used with model.ref_path")
+            raise ValueError("train.ref_refresh_every copies the policy into the reference; "
+                             "it cannot be used with model.ref_path")
         if self.train.grad_variance and self.train.micro_batches < 2:
             raise ValueError("train.grad_variance compares micro-batch gradients; set train.micro_batches >= 2")
         dyn = self.rollout.dynamic_group

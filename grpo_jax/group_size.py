@@ -42,7 +42,8 @@ def allocate_group_sizes(
     p_P = np.asarray(prev_success_P, np.float64)
     len_P = np.asarray(mean_length_P, np.float64)
     if p_P.ndim != 1 or len_P.shape != p_P.shape or p_P.size == 0:
-        raise ValueError(f"prev_success_P and mean_length_P must be 1-D of one length > 0, got {p_P.shape} and {len_P.shape}")
+        raise ValueError(
+            f"prev_success_P and mean_length_P must be 1-D of one length > 0, got {p_P.shape} and {len_P.shape}")
     if not np.all((p_P >= 0) & (p_P <= 1)):
         raise ValueError(f"prev_success_P must lie in [0, 1] (use 0.5 for an unseen prompt), got {p_P}")
     if not np.all(len_P > 0):
@@ -107,7 +108,8 @@ class DynamicGroupConfig:
 
     def __post_init__(self):
         if not 2 <= self.min_size <= self.max_size:
-            raise ValueError(f"rollout.dynamic_group: need 2 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+            raise ValueError(
+                f"rollout.dynamic_group: need 2 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"rollout.dynamic_group.momentum must be in [0, 1), got {self.momentum}")
         if not self.floor > 0:
@@ -118,7 +120,8 @@ class GroupHistory:
     """Host-side state of dynamic group sizing: per key, the moving-average success rate and completion length.
     ``to_json``/``from_json`` put it into the checkpoint's meta, so a resumed run sizes its groups identically."""
 
-    def __init__(self, cfg: DynamicGroupConfig, stats: dict[str, list[float]] | None = None, mean_length: float | None = None):
+    def __init__(self, cfg: DynamicGroupConfig, stats: dict[str, list[float]] | None = None,
+                 mean_length: float | None = None):
         self.cfg, self.stats, self.mean_length = cfg, dict(stats or {}), mean_length
 
     def sizes(self, examples: Sequence[dict], rows: int, max_new_tokens: int) -> np.ndarray:
@@ -143,7 +146,8 @@ class GroupHistory:
 
     def _key(self, ex: dict) -> str:
         if self.cfg.key not in ex:
-            raise ValueError(f"rollout.dynamic_group.key={self.cfg.key!r} is not an example field; fields: {sorted(ex)}")
+            raise ValueError(
+                f"rollout.dynamic_group.key={self.cfg.key!r} is not an example field; fields: {sorted(ex)}")
         return str(ex[self.cfg.key])
 
     def to_json(self) -> dict:

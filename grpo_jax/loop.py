@@ -71,7 +71,8 @@ def collect(run: Run, rs: RunState, step: int) -> tuple[Collected, RunState]:
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                   eos_ids=run.eos_ids, pad_id=run.tokenizer.pad_token_id, rng=jax.random.fold_in(run.key, step),
                   min_prompt_bucket=cfg.rollout.min_prompt_bucket, mesh=run.mesh)
-    return Collected(examples, rows, sizes, n_valid, ids_B, ro, to_host(ro.lengths_B)), dataclasses.replace(rs, order=order)
+    return (Collected(examples, rows, sizes, n_valid, ids_B, ro, to_host(ro.lengths_B)),
+            dataclasses.replace(rs, order=order))
 
 
 def score(run: Run, col: Collected) -> tuple[Scored, np.ndarray, dict]:

@@ -39,7 +39,8 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive with at most one -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(
+            f"mesh sizes must be positive with at most one -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:

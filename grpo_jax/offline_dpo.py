@@ -24,8 +24,8 @@ from grpo_jax.algorithms import make_algorithm
 from grpo_jax.data.iterator import OrderState, batch_indices
 from grpo_jax.losses import DPOConfig, LossConfig
 from grpo_jax.models import CausalLM, token_logprobs
-from grpo_jax.sft import encode_pairs
 from grpo_jax.optim import OptimConfig, make_optimizer
+from grpo_jax.sft import encode_pairs
 from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from grpo_jax.losses import DPOConfig, LossConfig, PPOConfig
 
 def grpo() -> AlgoConfig:
     """GRPO (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300):
-    A_i = (r_i - mean_G)/(std_G + ε);  L = (1/B) Σ_i (1/|o_i|) Σ_t [-min(ρ_it A_i, clip(ρ_it, 0.8, 1.2) A_i) + 0.04·k3_it].
+    A_i = (r_i - mean_G)/(std_G + ε);
+    L = (1/B) Σ_i (1/|o_i|) Σ_t [-min(ρ_it A_i, clip(ρ_it, 0.8, 1.2) A_i) + 0.04·k3_it].
     """
     return AlgoConfig(
         loss=LossConfig(kind="grpo", clip_low=0.2, agg="seq-mean-token-mean", beta=0.04, kl_kind="k3"),

@@ -46,7 +46,8 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise ValueError(f"max_new_tokens and num_samples must be >= 1, got {self.max_new_tokens}, {self.num_samples}")
+            raise ValueError(
+                f"max_new_tokens and num_samples must be >= 1, got {self.max_new_tokens}, {self.num_samples}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -181,9 +182,10 @@ def generate(
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt (token-id lists, ragged, non-empty).
 
-    Prompt lengths and the prompt count are padded to buckets (``bucket``: powers of two and 1.5x powers; at least ``min_prompt_bucket``; the count to a
-    multiple of ``batch_multiple``, e.g. the mesh's batch shards), so a run compiles once per bucket. ``rng`` is a
-    PRNG key or an int seed; the same seed gives the same output. Returns a ``Rollout`` with B = len(prompts) * G.
+    Prompt lengths and the prompt count are padded to buckets (``bucket``: powers of two and 1.5x powers; at least
+    ``min_prompt_bucket``; the count to a multiple of ``batch_multiple``, e.g. the mesh's batch shards), so a run
+    compiles once per bucket. ``rng`` is a PRNG key or an int seed; the same seed gives the same output. Returns a
+    ``Rollout`` with B = len(prompts) * G.
 
     ``mesh``: the prompt rows (padded to a multiple of its data*fsdp too) are placed split over its batch axes, so
     on a data-parallel mesh each device decodes only its rows, and with several processes each process uploads

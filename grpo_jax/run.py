@@ -19,11 +19,11 @@ from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import GroupHistory
 from grpo_jax.mesh import batch_size_multiple
 from grpo_jax.multihost import is_primary, sync
+from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardPool, resolve_rewards
 from grpo_jax.run_setup import build_policy, load_reference, load_tokenizer, logprob_fn, warm_start
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import MetricsWriter, compiled_stats, tree_bytes
-from grpo_jax.optim import make_optimizer
 from grpo_jax.train_step import StepConfig, init_train_state, make_train_step, state_sharding
 
 
@@ -73,7 +73,8 @@ def write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
     path = run_dir / "config.yaml"
     text = config_lib.to_yaml(cfg)
     if path.exists() and path.read_text() != text:
-        raise config_lib.ConfigError(f"{path} holds a different config; resume with the same one or use a new --run-dir")
+        raise config_lib.ConfigError(
+            f"{path} holds a different config; resume with the same one or use a new --run-dir")
     sync("config checked")
     if is_primary():
         path.write_text(text)
@@ -116,7 +117,8 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
               ref_logprobs=logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk,
                                       cfg.train.micro_batches),
               critic_values=value_fn(graphdef) if algorithm.needs_values else None,
-              ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save),
+              ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                                async_save=cfg.checkpoint.async_save),
               key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),

@@ -47,7 +47,8 @@ def build_policy(cfg: ExperimentConfig, tokenizer, mesh) -> CausalLM:
         return _load(m.path, cfg, mesh)
     model_cfg = dataclasses.replace(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     if model_cfg.vocab_size < len(tokenizer):
-        raise ConfigError(f"model.init.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+        raise ConfigError(
+            f"model.init.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
     return shard_model(build_model(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh)
 
 
@@ -65,7 +66,8 @@ def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_example
         export_hf(policy, folder)
         if is_primary():
             (folder / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        log.info("warm start: %d SFT steps, final loss %.4f", len(history), history[-1]["loss"] if history else float("nan"))
+        log.info("warm start: %d SFT steps, final loss %.4f", len(history),
+                 history[-1]["loss"] if history else float("nan"))
     return _load(folder, cfg, mesh)
 
 
@@ -83,7 +85,8 @@ def export_hf(model: CausalLM, folder, tokenizer=None) -> None:
     sync("export_hf")
 
 
-def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State], mesh) -> tuple[nnx.GraphDef, nnx.State]:
+def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State],
+                   mesh) -> tuple[nnx.GraphDef, nnx.State]:
     """Frozen reference (graphdef, params): ``model.ref_path``, or a copy of the initial policy (a copy, because the
     train step donates the policy's buffers and updates them in place)."""
     if cfg.model.ref_path is None:

@@ -34,14 +34,16 @@ TIMING_KEYS = ("time/", "throughput/", "compiles", "memory/")  # metrics that le
 
 def compiled_stats(jitted, *args, name: str) -> dict[str, float]:
     """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowering does not run it, so donated args stay
-    valid), per device: ``memory/{name}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` = arguments +
-    outputs + temporaries - aliased (donated buffers reused for outputs); empty where the backend gives no analysis.
+    valid), per device: ``memory/{name}/argument_bytes``, ``output_bytes``, ``temp_bytes`` and ``peak_bytes`` =
+    arguments + outputs + temporaries - aliased (donated buffers reused for outputs); empty where the backend gives
+    no analysis.
     (No FLOP count: XLA's cost analysis counts a loop body once, so a micro-batch scan would be undercounted.)"""
     compiled = jitted.lower(*args).compile()
     out = {}
     stats = compiled.memory_analysis()
     if stats is not None:
-        arg, res, temp, alias = (float(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias"))
+        arg, res, temp, alias = (float(getattr(stats, f"{k}_size_in_bytes"))
+                                 for k in ("argument", "output", "temp", "alias"))
         prefix = f"memory/{name}"
         out |= {f"{prefix}/argument_bytes": arg, f"{prefix}/output_bytes": res, f"{prefix}/temp_bytes": temp,
                 f"{prefix}/peak_bytes": arg + res + temp - alias}
@@ -79,7 +81,8 @@ class MetricsWriter:
         self.flush_every_s, self._flushed_at = flush_every_s, time.monotonic()
         self._lines: list[str] = []
         self._tb_dir = os.fspath(storage.location(run_dir) / "tb")
-        self._tb_stage = tempfile.mkdtemp(prefix="grpo_jax_tb_") if self.remote and self.enabled and tensorboard else None
+        self._tb_stage = (tempfile.mkdtemp(prefix="grpo_jax_tb_") if self.remote and self.enabled and tensorboard
+                          else None)
         self.tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter

@@ -33,7 +33,8 @@ class StepConfig:
 
     def __post_init__(self):
         if self.num_iterations < 1 or self.micro_batches < 1:
-            raise ValueError(f"num_iterations and micro_batches must be >= 1, got {self.num_iterations}, {self.micro_batches}")
+            raise ValueError(
+                f"num_iterations and micro_batches must be >= 1, got {self.num_iterations}, {self.micro_batches}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 for training log-probs, got {self.temperature}")
         if self.grad_variance and self.micro_batches < 2:
@@ -149,7 +150,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     gradient of micro-batch k's share of the loss (so Σ_k g_k = g, the full-batch gradient), e_k = K·g_k is the
     estimate of g from 1/K of the prompts; the step also returns their spread (first update of the step)
 
-        grad_var = (1/(K-1)) Σ_k ||e_k - g||²  =  (K² Σ_k ||g_k||² - K ||g||²) / (K-1),   grad_rel_var = grad_var / ||g||²
+        grad_var = (1/(K-1)) Σ_k ||e_k - g||²  =  (K² Σ_k ||g_k||² - K ||g||²) / (K-1),
+        grad_rel_var = grad_var / ||g||²
     """
     split = _micro_contiguous if objective.contiguous or cfg.grad_variance else _micro
     loss_fn = functools.partial(_micro_loss, graphdef=graphdef, objective=objective, cfg=cfg)

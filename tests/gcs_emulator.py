@@ -11,7 +11,6 @@ The test reads the bucket back through the emulator's JSON API with plain HTTP, 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time

@@ -10,6 +10,7 @@ from grpo_jax import cli
 from grpo_jax.ablate import AblationConfig, PlotSpec, grid, load_ablation, markdown, reduce_metric, summarize
 from grpo_jax.config import ConfigError
 from grpo_jax.tracking import TIMING_KEYS
+
 from loop_helpers import metrics, tiny_experiment, write_experiment
 
 ROOT = Path(__file__).parents[1]
@@ -41,7 +42,8 @@ def test_summary_table_and_ratios_by_hand(tmp_path):
     ab = AblationConfig(variants={"ppo": (), "grpo": ()}, table=("last:accur*", "final:memory/peak_bytes"), window=1,
                         anchor="ppo")
     table = summarize(ab, dirs)
-    assert table["grpo"] == {"last:accuracy": [0.8, 1.0], "final:memory/peak_bytes": [75.0, 75.0], "wall_s": [10.0, 20.0]}
+    assert table["grpo"] == {"last:accuracy": [0.8, 1.0], "final:memory/peak_bytes": [75.0, 75.0],
+                             "wall_s": [10.0, 20.0]}
     text = markdown(ab, table, (0, 1))
     assert "| grpo | 0.9 (0.8, 1) | 75 (75, 75) | 15 (10, 20) |" in text
     assert "| grpo | 1.8 | 0.75 | 1 |" in text  # ratios to ppo: accuracy .9/.5, memory 75/100, wall time 15/15
@@ -111,7 +113,8 @@ def test_compare_quick_grid_reports_memory_variance_and_ratios(tmp_path):
         assert table[kind]["final:memory/train_step/peak_bytes"][0] > 0
         assert np.isfinite(table[kind]["mean:train/grad_rel_var"][0])
     # the value head (params, Adam moments, values) makes PPO's train step hold more than GRPO's
-    assert table["ppo"]["final:memory/train_step/peak_bytes"][0] > table["grpo"]["final:memory/train_step/peak_bytes"][0]
+    assert (table["ppo"]["final:memory/train_step/peak_bytes"][0]
+            > table["grpo"]["final:memory/train_step/peak_bytes"][0])
     assert np.isnan(table["grpo"]["final:memory/value_pass/peak_bytes"][0])
     assert table["ppo"]["final:memory/value_pass/peak_bytes"][0] > 0
     assert table["dpo"]["final:memory/reference_params_bytes"][0] > 0  # DPO scores against a held reference

@@ -11,14 +11,15 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.config import ConfigError, from_dict
 from grpo_jax.critic import add_value_head, token_values
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.losses import DPOConfig, LossConfig, PPOConfig
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig, build_model
-from grpo_jax.algorithms import make_algorithm
 from grpo_jax.train_step import StepConfig, init_train_state, make_train_step
+
 from loop_helpers import metrics, tiny_experiment
 from test_train_step import batch as step_batch
 

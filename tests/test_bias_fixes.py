@@ -8,14 +8,15 @@ import pytest
 
 from grpo_jax.advantages import (
     AdvantageConfig,
+    RunningMoments,
     compute_advantages,
     compute_advantages_with_state,
     group_advantages,
     multiscale_advantages,
     normalized_advantages,
     reward_to_go,
+    running_moments_update,
 )
-from grpo_jax.advantages import RunningMoments, running_moments_update
 from grpo_jax.group_size import allocate_group_sizes, ragged_group_ids
 
 
@@ -24,10 +25,12 @@ def test_batch_baseline_is_shared_across_groups():
     r = jnp.array([1.0, 1, 0, 1])
     np.testing.assert_allclose(normalized_advantages(r, 2, baseline="batch", scale="none"), [0.25, 0.25, -0.75, 0.25])
     # unbiased batch std: (3·.25² + .75²)/3 = .25 -> .5
-    np.testing.assert_allclose(normalized_advantages(r, 2, baseline="batch", scale="batch", eps=0.0), [0.5, 0.5, -1.5, 0.5])
+    np.testing.assert_allclose(normalized_advantages(r, 2, baseline="batch", scale="batch", eps=0.0),
+                               [0.5, 0.5, -1.5, 0.5])
     # a constant batch of inexact values gives exactly 0 (not rounding noise / eps), even with eps = 0
     for scale in ("batch", "none"):
-        np.testing.assert_array_equal(normalized_advantages(jnp.full(6, 0.1), 3, baseline="batch", scale=scale, eps=0.0), 0.0)
+        np.testing.assert_array_equal(
+            normalized_advantages(jnp.full(6, 0.1), 3, baseline="batch", scale=scale, eps=0.0), 0.0)
     # baseline "group" is group_advantages itself
     r = jnp.array([1.0, 0, 0.5, 0.5, 2, 0])
     for scale in ("group", "batch", "none"):
@@ -42,7 +45,8 @@ def test_running_moments_update_by_hand():
     s2 = running_moments_update(s1, jnp.ones(4), momentum=0.9)
     np.testing.assert_allclose([s2.mean, s2.var, s2.count], [0.775, 0.9 * 0.1875 + 0.9 * 0.1 * 0.0625, 2], rtol=1e-6)
     # only valid rewards count; a batch without any leaves the state as it was
-    s = running_moments_update(RunningMoments.zeros(), jnp.array([0.0, 1, 9]), momentum=0.9, valid_B=jnp.array([1, 1, 0]))
+    s = running_moments_update(RunningMoments.zeros(), jnp.array([0.0, 1, 9]), momentum=0.9,
+                               valid_B=jnp.array([1, 1, 0]))
     np.testing.assert_allclose([s.mean, s.var], [0.5, 0.25], rtol=1e-6)
     same = running_moments_update(s2, jnp.ones(3), momentum=0.9, valid_B=jnp.zeros(3, bool))
     np.testing.assert_array_equal(np.array(same), np.array(s2))
@@ -63,10 +67,12 @@ def test_running_baseline_and_scale_by_hand():
     adv, _ = compute_advantages_with_state(jnp.array([0.0, 1, 1, 1]), 2, cfg, RunningMoments.zeros())
     np.testing.assert_allclose(adv, [-0.5 / math.sqrt(0.1875), 0.5 / math.sqrt(0.1875), 0, 0], rtol=1e-6)
     # a constant group of inexact values is exactly 0 (in float32, sum(7 × 0.1)/7 - 0.1 = -7.5e-9)
-    adv, _ = compute_advantages_with_state(jnp.array([0.0, 1, 0, 1, 0, 1, 0] + [0.1] * 7), 7, cfg, RunningMoments.zeros())
+    adv, _ = compute_advantages_with_state(jnp.array([0.0, 1, 0, 1, 0, 1, 0] + [0.1] * 7), 7, cfg,
+                                           RunningMoments.zeros())
     np.testing.assert_array_equal(adv[7:], 0.0)
     # running baseline, no scale: r - mean
-    adv, _ = compute_advantages_with_state(jnp.ones(2), 2, AdvantageConfig(baseline="running", scale="none", momentum=0.9), s1)
+    adv, _ = compute_advantages_with_state(jnp.ones(2), 2,
+                                           AdvantageConfig(baseline="running", scale="none", momentum=0.9), s1)
     np.testing.assert_allclose(adv, [1 - 0.775] * 2, rtol=1e-6)
 
 
@@ -82,7 +88,8 @@ def test_constant_history_gives_exact_zero_and_jit():
 
 
 def test_choices_are_validated():
-    with pytest.raises(ValueError, match=r"scale='group' cannot follow baseline='batch'.*\['batch', 'running', 'none'\]"):
+    with pytest.raises(ValueError,
+                       match=r"scale='group' cannot follow baseline='batch'.*\['batch', 'running', 'none'\]"):
         AdvantageConfig(baseline="batch", scale="group")
     with pytest.raises(ValueError, match=r"scale='batch' cannot follow baseline='running'"):
         normalized_advantages(jnp.ones(4), 2, baseline="running", scale="batch", running=RunningMoments.zeros())
@@ -98,8 +105,9 @@ def test_choices_are_validated():
         AdvantageConfig(momentum=1.0)
     with pytest.raises(ValueError, match=r"token_norm='token'; choose one of \['none', 'batch', 'group'\]"):
         AdvantageConfig(token_norm="token")
-    np.testing.assert_allclose(compute_advantages(jnp.array([1.0, 1, 0, 1]), 2, AdvantageConfig(baseline="batch", scale="none")),
-                               [0.25, 0.25, -0.75, 0.25])
+    np.testing.assert_allclose(
+        compute_advantages(jnp.array([1.0, 1, 0, 1]), 2, AdvantageConfig(baseline="batch", scale="none")),
+        [0.25, 0.25, -0.75, 0.25])
 
 
 def test_multiscale_by_hand():
@@ -111,7 +119,8 @@ def test_multiscale_by_hand():
     # batch: valid u (1, 2, 3, 4), mean 2.5, population var 1.25
     out = multiscale_advantages(adv_B, u, mask, alpha=0.5, normalize="batch", eps=0.0)
     z = lambda x: (x - 2.5) / math.sqrt(1.25)  # noqa: E731
-    np.testing.assert_allclose(out, [[1 + 0.5 * z(1), 1 + 0.5 * z(2), 1 + 0.5 * z(3)], [-1 + 0.5 * z(4), 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(out, [[1 + 0.5 * z(1), 1 + 0.5 * z(2), 1 + 0.5 * z(3)], [-1 + 0.5 * z(4), 0, 0]],
+                               rtol=1e-6)
 
 
 def test_multiscale_group_normalisation_by_hand():
@@ -121,7 +130,8 @@ def test_multiscale_group_normalisation_by_hand():
     mask = jnp.array([[1, 1], [1, 0], [1, 1], [1, 1]])
     out = multiscale_advantages(adv_B, u, mask, alpha=2.0, normalize="group", group_size=2, eps=0.0)
     s = math.sqrt(8 / 3)
-    np.testing.assert_allclose(out, [[1 + 2 * (-2 / s), 1.0], [-1 + 2 * (2 / s), 0], [0.5, 0.5], [-0.5, -0.5]], rtol=1e-6)
+    np.testing.assert_allclose(out, [[1 + 2 * (-2 / s), 1.0], [-1 + 2 * (2 / s), 0], [0.5, 0.5], [-0.5, -0.5]],
+                               rtol=1e-6)
     # ragged ids: row 3 is padding (id -1) and gets 0; group 1 is row 2 alone (constant -> 0)
     out = multiscale_advantages(adv_B, u, mask, alpha=2.0, normalize="group", group_ids_B=jnp.array([0, 0, 1, -1]),
                                 num_groups=2, eps=0.0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import cli
-from grpo_jax.checkpoint import CheckpointError, Checkpointer, abstract_like
+from grpo_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+
 from loop_helpers import metrics, tiny_experiment, write_experiment
 
 

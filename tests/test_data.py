@@ -87,7 +87,8 @@ def test_config_validation_names_fields():
     with pytest.raises(ValueError, match=r"named example fields such as \{question\}, got \[''\]"):
         DataConfig(task="arith", template="Solve {}")
     # a field the task's examples lack is named when the prompts are built
-    with pytest.raises(ValueError, match=r"uses field 'problem' that 'arith' examples lack; fields: \['answer', 'expression'"):
+    with pytest.raises(ValueError,
+                       match=r"uses field 'problem' that 'arith' examples lack; fields: \['answer', 'expression'"):
         build_splits(DataConfig(task="arith", num_examples=5, template="Solve {problem}"))
     compact = build_splits(DataConfig(task="arith", num_examples=5, template="{expression}="))
     assert compact.train[0]["prompt"] == compact.train[0]["expression"] + "="
@@ -139,8 +140,10 @@ def test_render_prompt_with_and_without_chat_template():
     assert got == "<|system|>Be brief.\n<|user|>Q: 2+2?\n<|assistant|>"
     assert render_prompt(tok, "2+2?") == "<|user|>2+2?\n<|assistant|>"
     tok.chat_template = None  # a base-model tokenizer: plain format string
-    assert render_prompt(tok, "2+2?", system_prompt="Be brief.", template="Q: {question}\nA:") == "Be brief.\n\nQ: 2+2?\nA:"
-    assert render_prompt(None, "2+2?", template="User: {question} Assistant: <think>") == "User: 2+2? Assistant: <think>"
+    assert (render_prompt(tok, "2+2?", system_prompt="Be brief.", template="Q: {question}\nA:")
+            == "Be brief.\n\nQ: 2+2?\nA:")
+    assert (render_prompt(None, "2+2?", template="User: {question} Assistant: <think>")
+            == "User: 2+2? Assistant: <think>")
 
 
 def test_order_is_a_permutation_per_epoch_and_resumes_exactly():
@@ -169,7 +172,8 @@ def test_order_is_a_permutation_per_epoch_and_resumes_exactly():
 def test_data_config_loads_from_a_yaml_like_dict():
     from grpo_jax.config import ConfigError, from_dict
 
-    cfg = from_dict(DataConfig, {"task": "gsm8k", "source": "openai/gsm8k", "subset": "main", "columns": {"question": "q"}})
+    cfg = from_dict(DataConfig, {"task": "gsm8k", "source": "openai/gsm8k", "subset": "main",
+                                 "columns": {"question": "q"}})
     assert cfg.columns == {"question": "q"} and cfg.split == "train"
     with pytest.raises(ConfigError, match="colums: unknown key"):
         from_dict(DataConfig, {"task": "gsm8k", "source": "x.jsonl", "colums": {}})

@@ -80,7 +80,8 @@ def test_pair_parts_merge_exactly():
 
 def test_sequence_logps_sum_valid_tokens():
     logp = jnp.array([[math.log(0.5), math.log(0.25), -jnp.inf], [-jnp.inf, -jnp.inf, -jnp.inf]])
-    np.testing.assert_allclose(sequence_logps(logp, jnp.array([[1, 1, 0], [0, 0, 0]])), [math.log(0.125), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(sequence_logps(logp, jnp.array([[1, 1, 0], [0, 0, 0]])), [math.log(0.125), 0.0],
+                               rtol=1e-6)
 
 
 def test_group_pairs_ties_and_constant_groups():
@@ -107,7 +108,8 @@ def test_online_dpo_and_hybrid_by_hand():
     assert float(l_dpo) == pytest.approx(-log_sigmoid(BETA * 1.5), rel=1e-6)
     # GRPO at ratio 1, no KL: A = (-1/√2, 1/√2, 0, 0), token loss -A; token-mean over 2 + 1 + 2 + 2 tokens
     a = 1 / math.sqrt(2)
-    l_grpo, _ = grpo_objective(logp, logp, None, group_advantages(rewards, 2), mask, LossConfig(agg="token-mean", beta=0.0))
+    l_grpo, _ = grpo_objective(logp, logp, None, group_advantages(rewards, 2), mask,
+                               LossConfig(agg="token-mean", beta=0.0))
     assert float(l_grpo) == pytest.approx((2 * a - a) / 7, rel=1e-5)
     hybrid = hybrid_loss(l_grpo, l_dpo, alpha=0.3)
     assert float(hybrid) == pytest.approx(0.7 * (2 * a - a) / 7 + 0.3 * -log_sigmoid(BETA * 1.5), rel=1e-5)
@@ -120,7 +122,8 @@ def test_jit_bfloat16_and_errors():
     bf = [x.astype(jnp.bfloat16) for x in (PC, PR, RC, RR)]
     loss, m = jax.jit(lambda *a: dpo_loss(*a, beta=BETA))(*bf)
     assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in m.values())
-    np.testing.assert_allclose(loss, dpo_loss(PC, PR, RC, RR, beta=BETA)[0], rtol=1e-6)  # these values are exact in bf16
+    # these values are exact in bf16
+    np.testing.assert_allclose(loss, dpo_loss(PC, PR, RC, RR, beta=BETA)[0], rtol=1e-6)
     with pytest.raises(ValueError, match=r"kind='kto' is not supported; choose one of \['sigmoid', 'ipo'\]"):
         dpo_loss(PC, PR, RC, RR, kind="kto")
     with pytest.raises(ValueError, match="applies to kind='sigmoid' only"):

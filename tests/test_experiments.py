@@ -8,6 +8,7 @@ from grpo_jax.data import build_splits
 from grpo_jax.experiment import load_experiment
 from grpo_jax.loop import train
 from grpo_jax.run_setup import build_policy, load_tokenizer
+
 from loop_helpers import TINY_MODEL, metrics
 
 EXPERIMENTS = sorted(p.parent for p in (Path(__file__).parents[1] / "experiments").glob("*/config.yaml"))
@@ -18,7 +19,8 @@ def tiny_overrides(folder: Path, tmp_path: Path) -> list[str]:
     raw = load_experiment(folder)
     out = []
     if raw.model.path is not None and not Path(raw.model.path).exists():
-        out += ["model.path=null", f"model.init={json.dumps(TINY_MODEL)}", "model.tokenizer=char", "model.dtype=float32"]
+        out += ["model.path=null", f"model.init={json.dumps(TINY_MODEL)}", "model.tokenizer=char",
+                "model.dtype=float32"]
     if raw.data.source is not None and not Path(raw.data.source).exists():
         def write(name, numbers):
             rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}",
@@ -41,7 +43,8 @@ def test_there_are_experiments():
 @pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_parses_and_builds(folder, tmp_path):
     assert (folder / "README.md").exists()
-    cfg = load_experiment(folder, tiny_overrides(folder, tmp_path) + ["mesh.data=1", "mesh.fsdp=1", "mesh.num_devices=1"])
+    cfg = load_experiment(folder,
+                          tiny_overrides(folder, tmp_path) + ["mesh.data=1", "mesh.fsdp=1", "mesh.num_devices=1"])
     tokenizer = load_tokenizer(cfg.model)
     splits = build_splits(cfg.data, tokenizer)
     assert splits.train and all("prompt" in ex and "answer" in ex for ex in splits.train[:5])
@@ -69,8 +72,8 @@ def test_arith_tiny_shortened_raises_the_sampled_accuracy(tmp_path):
     """The default experiment at a fraction of its length (800 warm-start steps instead of 2500, 30 GRPO steps):
     GRPO removes the warm start's units-digit slip, so the training accuracy rises."""
     folder = Path(__file__).parents[1] / "experiments" / "arith_tiny"
-    cfg = load_experiment(folder, ["warm_start.sft.steps=800", "train.steps=30", "eval.num_examples=0", "mesh.num_devices=1",
-                                   "checkpoint.every=100", "checkpoint.export_hf=false"])
+    cfg = load_experiment(folder, ["warm_start.sft.steps=800", "train.steps=30", "eval.num_examples=0",
+                                   "mesh.num_devices=1", "checkpoint.every=100", "checkpoint.export_hf=false"])
     train(cfg, tmp_path / "run", show_progress=False)
     accuracy = [r["accuracy"] for r in metrics(tmp_path / "run") if "accuracy" in r]
     assert len(accuracy) == 30

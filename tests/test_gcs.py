@@ -11,8 +11,9 @@ import pytest
 import yaml
 from safetensors.numpy import load
 
-from gcs_emulator import Emulator
 from grpo_jax.tracking import TIMING_KEYS
+
+from gcs_emulator import Emulator
 from loop_helpers import cli_env, tiny_experiment, train_cmd, write_experiment
 
 
@@ -132,7 +133,8 @@ def test_ablate_quick_on_gcs_resumes_after_kill_9(tmp_path, gcs, cache):
         "ab/grpo/seed0/warm_start/model.safetensors")
     for variant in ("grpo", "dr_grpo"):
         run = f"ab/{variant}/seed0"
-        assert without_timing(bucket_metrics(gcs, run)) == without_timing(bucket_metrics(gcs, f"ab_full/{variant}/seed0"))
+        assert (without_timing(bucket_metrics(gcs, run))
+                == without_timing(bucket_metrics(gcs, f"ab_full/{variant}/seed0")))
         same_params(bucket_params(gcs, run), bucket_params(gcs, f"ab_full/{variant}/seed0"))
     no_local_gs_folder(tmp_path)
 

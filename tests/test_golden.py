@@ -30,6 +30,7 @@ def run(name: str, folder: Path) -> list[dict]:
     from grpo_jax.experiment import ExperimentConfig
     from grpo_jax.loop import train
     from grpo_jax.tracking import TIMING_KEYS
+
     from loop_helpers import metrics, tiny_experiment
 
     sections = {"rewards": VARYING, "mesh": {"data": 1, "num_devices": 1}, "eval": {"num_examples": 0},

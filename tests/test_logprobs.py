@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_hf import VOCAB, hf_causal_lm, left_padded
 
 from grpo_jax.models import ModelConfig, build_model, load_hf, token_logprobs
+
+from tiny_hf import VOCAB, hf_causal_lm, left_padded
 
 B, T = 3, 16
 
@@ -28,7 +29,8 @@ def full_logits(model):
 
 def reference(logits, tokens, mask, temperature):
     logits = logits / temperature
-    logp_all = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp_all = (logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                - logits.max(-1, keepdims=True))
     logps = np.zeros(tokens.shape)
     logps[:, 1:] = np.take_along_axis(logp_all[:, :-1], tokens[:, 1:, None], -1)[..., 0]
     entropy = np.zeros(tokens.shape)
@@ -44,7 +46,8 @@ jit_token_logprobs = nnx.jit(token_logprobs, static_argnames=("return_entropy", 
 @pytest.mark.parametrize("chunk_size", [1, 6, 64])
 def test_matches_full_log_softmax_gather(model, full_logits, chunk_size):
     tokens, mask, logits = full_logits
-    logps, entropy = jit_token_logprobs(model, tokens, mask, temperature=0.7, return_entropy=True, chunk_size=chunk_size)
+    logps, entropy = jit_token_logprobs(model, tokens, mask, temperature=0.7, return_entropy=True,
+                                        chunk_size=chunk_size)
     assert logps.shape == entropy.shape == (B, T) and logps.dtype == entropy.dtype == jnp.float32
     ref_logps, ref_entropy = reference(logits, tokens, mask, 0.7)
     np.testing.assert_allclose(np.asarray(logps), ref_logps, atol=1e-5, rtol=0)
@@ -75,7 +78,8 @@ def _loss_jaxprs(model, chunk_size):
     graphdef, state = nnx.split(model)
 
     def loss(state):
-        logps, entropy = token_logprobs(nnx.merge(graphdef, state), tokens, mask, return_entropy=True, chunk_size=chunk_size)
+        logps, entropy = token_logprobs(nnx.merge(graphdef, state), tokens, mask, return_entropy=True,
+                                       chunk_size=chunk_size)
         return logps.sum() + 0.1 * entropy.sum()
 
     return jax.make_jaxpr(loss)(state).jaxpr, jax.make_jaxpr(jax.grad(loss))(state).jaxpr
@@ -103,7 +107,8 @@ def test_compiled_temp_memory_stays_below_one_float32_logits_buffer():
 
     def temp_bytes(chunk_size, grad):
         def loss(s):
-            return token_logprobs(nnx.merge(graphdef, s), tokens, mask, chunk_size=chunk_size, return_entropy=True)[0].sum()
+            return token_logprobs(nnx.merge(graphdef, s), tokens, mask, chunk_size=chunk_size,
+                                  return_entropy=True)[0].sum()
 
         return jax.jit(jax.grad(loss) if grad else loss).lower(state).compile().memory_analysis().temp_size_in_bytes
 

@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from grpo_jax import cli
 from grpo_jax.tracking import TIMING_KEYS
+
 from loop_helpers import cli_env, metrics, run_train, tiny_experiment, train_cmd, write_experiment
 
 

@@ -77,9 +77,9 @@ def test_padding_rows_and_columns_change_nothing(mode):
     pad = lambda x, v: jnp.pad(x, ((0, 3), (0, 4)) if x.ndim == 2 else ((0, 3),), constant_values=v)  # noqa: E731
     padded = grpo_objective(pad(logp, -jnp.inf), pad(old, 0.0), pad(ref, jnp.nan), pad(adv, 5.0), pad(mask, False), cfg)
     np.testing.assert_allclose(padded[0], loss, atol=1e-7)
-    g = jax.grad(lambda lp: grpo_objective(lp, pad(old, 0.0), pad(ref, jnp.nan), pad(adv, 5.0), pad(mask, False), cfg)[0])(
-        pad(logp, -jnp.inf)
-    )
+    g = jax.grad(
+        lambda lp: grpo_objective(lp, pad(old, 0.0), pad(ref, jnp.nan), pad(adv, 5.0), pad(mask, False), cfg)[0]
+    )(pad(logp, -jnp.inf))
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
@@ -87,7 +87,8 @@ def test_fully_masked_batch_gives_zero_loss_and_finite_grads():
     logp, old, ref, adv, _ = make_batch()
     mask = jnp.zeros((B, T), bool)
     for mode in MODES:
-        loss, grad = jax.value_and_grad(lambda lp: grpo_objective(lp, old, ref, adv, mask, cfg_for("grpo", mode))[0])(logp)
+        loss, grad = jax.value_and_grad(
+            lambda lp: grpo_objective(lp, old, ref, adv, mask, cfg_for("grpo", mode))[0])(logp)
         assert float(loss) == 0.0 and bool(jnp.all(grad == 0.0))
 
 

@@ -9,17 +9,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.experiment import load_experiment
 from grpo_jax.losses import LossConfig
-from grpo_jax.memory import (PUBLISHED_CONFIGS, TARGETS, estimate, estimate_experiment, main, mesh_sizes, model_config,
-                             param_count, shard_numel, table)
+from grpo_jax.memory import (
+    PUBLISHED_CONFIGS,
+    TARGETS,
+    estimate,
+    estimate_experiment,
+    main,
+    mesh_sizes,
+    model_config,
+    param_count,
+    shard_numel,
+    table,
+)
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import CausalLM, ModelConfig
+from grpo_jax.optim import OptimConfig, make_optimizer
 from grpo_jax.rollout import SamplingConfig, bucket, sample
 from grpo_jax.run_setup import logprob_fn
 from grpo_jax.tracking import compiled_stats
-from grpo_jax.algorithms import make_algorithm
-from grpo_jax.optim import OptimConfig, make_optimizer
 from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step, state_sharding
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_hf import PAD, hf_causal_lm, hf_classifier, left_padded, torch_forward
 
 from grpo_jax.models import CausalLM, KVCache, load_hf
+
+from tiny_hf import PAD, hf_causal_lm, hf_classifier, left_padded, torch_forward
 
 FAMILIES = ("qwen2", "qwen3", "llama")
 T = 48  # > original_max_position_embeddings=16 of the llama3 rope config
@@ -72,7 +73,8 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(pair, family):
     P, Tp, D = 2, 12, 6
     prompt, prompt_mask = left_padded([Tp, 5], Tp, seed=4)
     completion = np.random.default_rng(5).integers(3, 128, (P, D)).astype(np.int32)
-    full = np.asarray(ours(np.concatenate([prompt, completion], 1), attention_mask_BxT=np.pad(prompt_mask, ((0, 0), (0, D)), constant_values=1)))
+    full = np.asarray(ours(np.concatenate([prompt, completion], 1),
+                           attention_mask_BxT=np.pad(prompt_mask, ((0, 0), (0, D)), constant_values=1)))
 
     step = nnx.jit(lambda m, tok, mask, cache: m(tok, attention_mask_BxT=mask, cache=cache))
     logits, cache = step(ours, prompt, prompt_mask, KVCache.init(ours.config, P, Tp + D))
@@ -96,7 +98,8 @@ def test_prefilled_cache_broadcasts_to_group_samples(pair):
     next_tokens = np.arange(3, 3 + P * G, dtype=np.int32)[:, None]  # a different sample token in every row
     logits, _ = step(ours, next_tokens, np.ones((P * G, 1), np.int32), cache)
     rows = np.repeat(np.arange(P), G)
-    full = np.asarray(ours(np.concatenate([prompt[rows], next_tokens], 1), attention_mask_BxT=np.pad(prompt_mask[rows], ((0, 0), (0, 1)), constant_values=1)))
+    full = np.asarray(ours(np.concatenate([prompt[rows], next_tokens], 1),
+                           attention_mask_BxT=np.pad(prompt_mask[rows], ((0, 0), (0, 1)), constant_values=1)))
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, -1], atol=1e-5)
 
 

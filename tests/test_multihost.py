@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 
 from grpo_jax import cli
 from grpo_jax.config import ConfigError
+
 from loop_helpers import ROOT, metrics, tiny_experiment, train_cmd, write_experiment
 
 # fsdp=2 splits params, optimizer state, batch and checkpoint shards across the two processes (devices 0,1 belong

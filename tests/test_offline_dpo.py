@@ -12,6 +12,7 @@ from grpo_jax.losses import DPOConfig, dpo_loss, sequence_logps
 from grpo_jax.models import ModelConfig, build_model, token_logprobs
 from grpo_jax.offline_dpo import OfflineDPOConfig, encode_preference_pairs, load_preference_pairs, run_offline_dpo
 from grpo_jax.optim import OptimConfig
+
 from loop_helpers import TINY_MODEL
 
 PAIRS = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "15"}]

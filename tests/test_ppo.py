@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from grpo_jax.advantages import gae_advantages, ppo_advantages, reward_to_go, terminal_rewards, whiten
-from grpo_jax.losses import LossConfig, PPOConfig, finalize_ppo_stats, merge_stats, ppo_objective_parts, value_loss_terms
+from grpo_jax.losses import (
+    LossConfig,
+    PPOConfig,
+    finalize_ppo_stats,
+    merge_stats,
+    ppo_objective_parts,
+    value_loss_terms,
+)
 
 NAN = float("nan")
 G, L = 0.9, 0.8  # γ, λ; γλ = 0.72
@@ -37,7 +44,8 @@ def test_gae_skips_masked_positions_in_ragged_rows():
     # row 0: the toy trajectory then right padding; row 1: the same behind a 2-token prompt prefix;
     # row 2: two tokens, V = (.5, 2), reward 3: δ1 = 3 - 2, δ0 = γ·2 - .5, A0 = δ0 + γλ·δ1; row 3: no token;
     # row 4: the toy trajectory with a masked hole (e.g. tool output) that the recursion steps over
-    mask = jnp.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 1, 1]])
+    mask = jnp.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                      [1, 1, 0, 0, 1, 1]])
     values = jnp.array([TOY_V + [NAN, NAN], [NAN, NAN] + TOY_V, [0.5, 2.0] + [NAN] * 4, [NAN] * 6,
                         TOY_V[:2] + [5.0, NAN] + TOY_V[2:]])
     rho = terminal_rewards(jnp.array([1.0, 1.0, 3.0, 5.0, 1.0]), mask, per_token_BxT=jnp.zeros((5, 6)))
@@ -86,7 +94,8 @@ def test_whiten_by_hand():
     mask = jnp.array([[1, 1, 1], [1, 0, 0]])
     out = whiten(x, mask, eps=0.0)
     np.testing.assert_allclose(out, [[(1 - 2.75) / math.sqrt(2.1875), (2 - 2.75) / math.sqrt(2.1875),
-                                      (3 - 2.75) / math.sqrt(2.1875)], [(5 - 2.75) / math.sqrt(2.1875), 0, 0]], rtol=1e-6)
+                                      (3 - 2.75) / math.sqrt(2.1875)], [(5 - 2.75) / math.sqrt(2.1875), 0, 0]],
+                               rtol=1e-6)
     # all-equal values (0.1 is inexact in float32) whiten to exactly 0, even with eps = 0
     np.testing.assert_array_equal(whiten(jnp.full((2, 3), 0.1), jnp.ones((2, 3)), eps=0.0), 0.0)
 

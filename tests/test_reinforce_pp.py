@@ -12,6 +12,7 @@ from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.losses import LossConfig
 from grpo_jax.presets import PRESETS
 from grpo_jax.train_step import Batch
+
 from loop_helpers import metrics, tiny_experiment
 
 

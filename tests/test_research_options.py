@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.advantages import AdvantageConfig, compute_advantages_with_state
-from grpo_jax.advantages import RunningMoments
+from grpo_jax.advantages import AdvantageConfig, RunningMoments, compute_advantages_with_state
 from grpo_jax.data import DataConfig, build_splits
 from grpo_jax.experiment import WarmStartSection
 from grpo_jax.group_size import DynamicGroupConfig, GroupHistory, allocate_group_sizes
@@ -98,6 +97,7 @@ def test_kl_multiscale_batch_by_hand():
     from grpo_jax.algorithms import Scored, build_algorithm
     from grpo_jax.algorithms.base import rollout_batch
     from grpo_jax.experiment import load_experiment
+
     from loop_helpers import tiny_experiment, write_experiment
 
     def cfg_with(tmp, **adv):

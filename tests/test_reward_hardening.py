@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.rewards import RewardPool, RewardSpec, RewardsConfig, compute_rewards, register_reward
+from grpo_jax.rewards import RewardPool, RewardsConfig, RewardSpec, compute_rewards, register_reward
 from grpo_jax.rewards.pool import BUDGET_SPENT, run_inline
 from grpo_jax.rewards.scores import MAX_ABS_SCORE
 

@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from tiny_hf import PAD, hf_classifier
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from grpo_jax.rewards import RewardModelScorer, RewardSpec, RewardsConfig, compute_rewards
+from grpo_jax.rewards import RewardModelScorer, RewardsConfig, RewardSpec, compute_rewards
+
+from tiny_hf import PAD, hf_classifier
 
 CHAT = "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}\n{% endfor %}"
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 ?+=<>\n"
@@ -41,7 +42,8 @@ def _torch_scores(hf, label):
 
 def test_scores_match_transformers(rm_folder):
     folder, hf = rm_folder
-    # batch_size 2 over 3 pairs: a padded last chunk; rows of 21, 69 and 15 tokens, left-padded to buckets of 128 and 16.
+    # batch_size 2 over 3 pairs: a padded last chunk; rows of 21, 69 and 15 tokens, left-padded to buckets of 128
+    # and 16.
     scorer = RewardModelScorer(str(folder), tokenizer_path=str(folder / "tokenizer"), batch_size=2, label=1)
     assert scorer.render("q", "c") == "<u>q\n<a>c\n"
     np.testing.assert_allclose(scorer(QUESTIONS, COMPLETIONS), _torch_scores(hf, 1), atol=1e-4, rtol=0)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from grpo_jax.rewards import RewardPool, RewardSpec, RewardsConfig, compute_rewards
+from grpo_jax.rewards import RewardPool, RewardsConfig, RewardSpec, compute_rewards
 
 TIMEOUT_S = 0.5
 

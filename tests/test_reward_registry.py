@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 
 import grpo_jax.rewards
-from grpo_jax.rewards import RewardSpec, RewardsConfig, combine, compute_rewards, register_reward, reward_table
-from grpo_jax.rewards import length_penalty, math_verify, resolve_rewards, reward_model
+from grpo_jax.rewards import (
+    RewardsConfig,
+    RewardSpec,
+    combine,
+    compute_rewards,
+    length_penalty,
+    math_verify,
+    register_reward,
+    resolve_rewards,
+    reward_model,
+    reward_table,
+)
 from grpo_jax.rewards.registry import BUILTIN_REWARDS, get_reward, registered_rewards
 
 REWARDS_DIR = Path(grpo_jax.rewards.__file__).parent

@@ -9,8 +9,8 @@ import pytest
 from grpo_jax.advantages import AdvantageConfig, compute_advantages
 from grpo_jax.rewards import (
     OverlongConfig,
-    RewardSpec,
     RewardsConfig,
+    RewardSpec,
     answer_tag,
     compute_rewards,
     countdown,
@@ -55,7 +55,8 @@ def test_countdown_accepts_valid_and_exact_division():
     assert countdown("", "<answer>(3 + 5) * 2 = 16</answer>", CD) == 1.0  # trailing "= target" ignored
     assert countdown("", "<answer>7 * 2 + 5 - 3</answer>", CD) == 1.0  # 14 + 5 - 3 = 16
     assert countdown("", "<answer>(3 + 5) * 2</answer>", CD, use_all=True) == 0.0  # 7 unused
-    assert countdown("", r"\boxed{7 / 2 * (3 + 5) - 12}", {"numbers": [7, 2, 3, 5, 12], "target": 16}) == 1.0  # 3.5*8-12
+    # 3.5*8-12
+    assert countdown("", r"\boxed{7 / 2 * (3 + 5) - 12}", {"numbers": [7, 2, 3, 5, 12], "target": 16}) == 1.0
     assert countdown("", "<answer>(3 + 5) * 2 + 7</answer>", CD) == 0.0  # = 23, wrong target
     assert countdown("", "<answer>5 / (3 - 3)</answer>", {"numbers": [5, 3, 3], "target": 1}) == 0.0  # div by 0
 
@@ -187,7 +188,8 @@ for _fn in (_returns_none, _returns_nan, _returns_text, _raises_once_kind):
 
 
 def test_invalid_values_score_zero_counted_and_advantages_stay_finite(caplog):
-    cfg = RewardsConfig(fns=tuple(RewardSpec(name=f"test{f.__name__}") for f in (_returns_none, _returns_nan, _returns_text)))
+    cfg = RewardsConfig(fns=tuple(RewardSpec(name=f"test{f.__name__}")
+                                  for f in (_returns_none, _returns_nan, _returns_text)))
     # group 1: every reward returns None/NaN/"1.0" for every sample -> all 0; group 2: sample 0 is bad
     examples = [{"bad": True}] * 3 + [{"bad": True}, {"bad": False}, {"bad": False}]
     total, m = compute_rewards(cfg, ["p"] * 6, ["c"] * 6, examples, group_size=3)

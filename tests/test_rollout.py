@@ -10,6 +10,7 @@ from grpo_jax import rollout
 from grpo_jax.models import CausalLM, ModelConfig, build_model, load_hf, token_logprobs
 from grpo_jax.rollout import SamplingConfig, generate, next_token, truncate_logits
 from grpo_jax.tracking import compile_count
+
 from tiny_hf import PAD, hf_causal_lm
 
 PROMPTS = [[5, 17, 9], [40, 41, 42, 43, 44, 45, 46], [7], [99, 3, 12, 8, 60]]  # ragged
@@ -56,7 +57,8 @@ def test_greedy_matches_transformers_with_eos_stopping(family, tmp_path):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_equal_trainer_logprobs(temperature):
     model = tiny_model()
-    r = generate(model, PROMPTS, max_new_tokens=10, num_samples=3, temperature=temperature, eos_ids=(2,), pad_id=0, rng=3)
+    r = generate(model, PROMPTS, max_new_tokens=10, num_samples=3, temperature=temperature, eos_ids=(2,), pad_id=0,
+                 rng=3)
     tokens = jnp.concatenate([r.prompt_BxP, r.completion_BxT], axis=1)
     mask = jnp.concatenate([r.prompt_mask_BxP, r.completion_mask_BxT], axis=1)
     logps = token_logprobs(model, tokens, mask, temperature=temperature)[:, r.prompt_BxP.shape[1]:]

@@ -5,14 +5,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
+from grpo_jax import sft
 from grpo_jax.config import ConfigError, from_dict
 from grpo_jax.data import arith_examples, build_char_tokenizer, render_prompt
 from grpo_jax.models import ModelConfig, build_model
-from grpo_jax import sft
 from grpo_jax.optim import make_optimizer
 from grpo_jax.sft import SFTBatch, SFTConfig, encode_pairs, make_sft_step, run_sft, sft_loss
 from grpo_jax.tracking import compile_count

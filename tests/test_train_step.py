@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from grpo_jax.advantages import kl_reward_advantages
+from grpo_jax.algorithms import make_algorithm
 from grpo_jax.losses import LossConfig
 from grpo_jax.models import ModelConfig, build_model
 from grpo_jax.optim import OptimConfig, make_optimizer
-from grpo_jax.algorithms import make_algorithm
 from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step
 
 B, S = 8, 12

@@ -5,8 +5,6 @@ import random
 import re
 from pathlib import Path
 
-import pytest
-
 from grpo_jax.rewards import answer_tag, countdown, exact_int, format_reward, last_boxed, math_verify
 from grpo_jax.rewards.verifiers import MATH_VERIFY_MAX_CHARS, math_verify_input
 

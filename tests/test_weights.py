@@ -7,11 +7,12 @@ import pytest
 import transformers
 from flax import nnx
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from tiny_hf import LLAMA3_ROPE, hf_causal_lm, hf_classifier, left_padded, torch_forward
 
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import ModelConfig, build_model, load_hf, save_hf
 from grpo_jax.models.rope import inv_frequencies
+
+from tiny_hf import LLAMA3_ROPE, hf_causal_lm, hf_classifier, left_padded, torch_forward
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
@@ -37,7 +38,8 @@ def test_save_hf_classifier_round_trip(tmp_path):
     hf = hf_classifier("qwen2", num_labels=2)
     hf.save_pretrained(tmp_path / "hf")
     save_hf(load_hf(tmp_path / "hf"), tmp_path / "ours")
-    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours",
+                                                                           attn_implementation="eager")
     _assert_same_tensors(back, hf)
     tokens, mask = left_padded([12, 5], 12, seed=2)
     np.testing.assert_array_equal(torch_forward(back, tokens, mask), torch_forward(hf, tokens, mask))
@@ -165,7 +167,8 @@ LLAMA32_1B = {  # meta-llama/Llama-3.2-1B config.json (old layout: rope_scaling 
 @pytest.mark.parametrize("hub_config", [QWEN25_05B, LLAMA32_1B], ids=["qwen2.5-0.5b", "llama-3.2-1b"])
 def test_real_hub_configs_read_and_rope_frequencies_match_transformers(hub_config):
     cfg = ModelConfig.from_hf_config(hub_config)
-    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == ((14, 2, 64) if cfg.model_type == "qwen2" else (32, 8, 64))
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        (14, 2, 64) if cfg.model_type == "qwen2" else (32, 8, 64))
     assert cfg.qkv_bias == (cfg.model_type == "qwen2") and not cfg.o_bias and cfg.tie_word_embeddings
     assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg  # our transformers-5 layout reads back the same
     hf = transformers.AutoConfig.for_model(**hub_config)
@@ -175,4 +178,5 @@ def test_real_hub_configs_read_and_rope_frequencies_match_transformers(hub_confi
     else:
         expected = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf)[0].numpy()
     np.testing.assert_allclose(inv_frequencies(cfg), expected, rtol=1e-6)
-    assert transformers.AutoConfig.for_model(**cfg.to_hf_config()).rope_parameters == rope | {"rope_theta": cfg.rope_theta}
+    assert (transformers.AutoConfig.for_model(**cfg.to_hf_config()).rope_parameters
+            == rope | {"rope_theta": cfg.rope_theta})

@@ -26,7 +26,8 @@ def hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
     if family == "qwen3":
         return transformers.Qwen3Config(**COMMON | dict(head_dim=16, tie_word_embeddings=False) | overrides)
     if family == "llama":
-        return transformers.LlamaConfig(**COMMON | dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE) | overrides)
+        return transformers.LlamaConfig(
+            **COMMON | dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE) | overrides)
     raise ValueError(family)
 
 

@@ -22,7 +22,14 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.advantages.stats import RunningMoments, running_moments_update, safe_sqrt, scaled, segment_ids, segment_moments
+from grpo_jax.advantages.stats import (
+    RunningMoments,
+    running_moments_update,
+    safe_sqrt,
+    scaled,
+    segment_ids,
+    segment_moments,
+)
 from grpo_jax.advantages.tokens import TokenNorm
 
 Scale = Literal["group", "batch", "none"]
@@ -195,7 +202,8 @@ def normalized_advantages(
         raise ValueError(f"{name}: baseline/scale 'running' needs running=RunningMoments (fold the batch in with "
                          "running_moments_update, or call compute_advantages_with_state)")
     if baseline == "group" and scale != "running":
-        return group_advantages(rewards_B, group_size, scale=scale, eps=eps, group_ids_B=group_ids_B, num_groups=num_groups)
+        return group_advantages(rewards_B, group_size, scale=scale, eps=eps, group_ids_B=group_ids_B,
+                                num_groups=num_groups)
     r_B = _rewards_f32(rewards_B, name)
     ids_B, valid_B, n = segment_ids(r_B.shape[0], group_size, group_ids_B, num_groups, name)
     if baseline == "group":

@@ -30,7 +30,8 @@ def segment_ids(B: int, group_size: int | None, group_ids_B, num_groups: int | N
         return jnp.arange(B) // group_size, jnp.ones((B,), bool), B // group_size
     group_ids_B = jnp.asarray(group_ids_B)
     if group_ids_B.shape != (B,) or not jnp.issubdtype(group_ids_B.dtype, jnp.integer):
-        raise ValueError(f"{name}: group_ids_B must be an integer array of shape ({B},), got {group_ids_B.shape} {group_ids_B.dtype}")
+        raise ValueError(f"{name}: group_ids_B must be an integer array of shape ({B},), "
+                         f"got {group_ids_B.shape} {group_ids_B.dtype}")
     if num_groups is None or num_groups < 1:
         raise ValueError(f"{name}: group_ids_B needs a static num_groups >= 1, got {num_groups}")
     valid_B = (group_ids_B >= 0) & (group_ids_B < num_groups)

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 
 from grpo_jax.algorithms.base import refuse_grpo_options
-from grpo_jax.algorithms.dpo import check_paired_config, check_whole_groups, finalize_pairs, pairs_denominator, pairs_part
+from grpo_jax.algorithms.dpo import (
+    check_paired_config,
+    check_whole_groups,
+    finalize_pairs,
+    pairs_denominator,
+    pairs_part,
+)
 from grpo_jax.algorithms.grpo import GRPO
 from grpo_jax.losses import finalize_objective_stats, grpo_objective_parts, hybrid_loss
 from grpo_jax.train_step import Batch

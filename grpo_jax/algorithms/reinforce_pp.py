@@ -11,6 +11,7 @@ with mean_B, std_B (population) over the valid tokens of the batch and ε = ``al
 from __future__ import annotations
 
 import dataclasses
+
 import jax.numpy as jnp
 
 from grpo_jax.advantages import reward_to_go, terminal_rewards, whiten

@@ -69,7 +69,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.source is required for task {self.task!r} (a hub name or local file path)")
         if not synthetic and (unknown := sorted(set(self.columns) - set(HUB_COLUMNS[self.task]))):
             raise ValueError(
-                f"DataConfig.columns: unknown field(s) {unknown} for {self.task!r}; fields: {sorted(HUB_COLUMNS[self.task])}"
+                f"DataConfig.columns: unknown field(s) {unknown} for {self.task!r}; "
+                f"fields: {sorted(HUB_COLUMNS[self.task])}"
             )
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ValueError(f"DataConfig.held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
@@ -80,15 +81,17 @@ class DataConfig:
         if self.ops != "+-*" and self.task != "arith":
             raise ValueError(f"DataConfig.ops applies to task 'arith' only, not {self.task!r}")
         if self.digits and (self.task != "arith" or len(self.digits) < 2 or not all(1 <= d <= 9 for d in self.digits)):
-            raise ValueError(f"DataConfig.digits applies to task 'arith': >= 2 operands of 1-9 digits, got {self.digits}")
+            raise ValueError(
+                f"DataConfig.digits applies to task 'arith': >= 2 operands of 1-9 digits, got {self.digits}")
         if self.num_examples < 1:
             raise ValueError(f"DataConfig.num_examples must be >= 1, got {self.num_examples}")
         if self.difficulty not in DIFFICULTY_LEVELS:
             raise ValueError(f"DataConfig.difficulty must be one of {list(DIFFICULTY_LEVELS)}, got {self.difficulty}")
         if self.levels and (not synthetic or len(set(self.levels)) != len(self.levels)
                             or set(self.levels) - set(DIFFICULTY_LEVELS)):
-            raise ValueError(f"DataConfig.levels applies to synthetic tasks {list(SYNTHETIC_TASKS)}: distinct levels from "
-                             f"{list(DIFFICULTY_LEVELS)}, got {list(self.levels)} for task {self.task!r}")
+            raise ValueError(f"DataConfig.levels applies to synthetic tasks {list(SYNTHETIC_TASKS)}: "
+                             f"distinct levels from {list(DIFFICULTY_LEVELS)}, got {list(self.levels)} "
+                             f"for task {self.task!r}")
         if self.levels and self.digits:
             raise ValueError("DataConfig: set levels or digits, not both (digits fixes one operand layout)")
         if self.levels and self.num_examples < len(self.levels):
@@ -98,4 +101,5 @@ class DataConfig:
         except ValueError as e:
             raise ValueError(f"DataConfig.template is not a valid format string ({e}): {self.template!r}") from e
         if not fields or "" in fields or any(not f.isidentifier() for f in fields):
-            raise ValueError(f"DataConfig.template must use named example fields such as {{question}}, got {sorted(fields)}")
+            raise ValueError(
+                f"DataConfig.template must use named example fields such as {{question}}, got {sorted(fields)}")

@@ -20,7 +20,8 @@ class OrderState:
 
     def __post_init__(self) -> None:
         if self.epoch < 0 or self.position < 0:
-            raise ValueError(f"OrderState: epoch and position must be >= 0, got epoch={self.epoch}, position={self.position}")
+            raise ValueError(
+                f"OrderState: epoch and position must be >= 0, got epoch={self.epoch}, position={self.position}")
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -33,7 +34,8 @@ def batch_indices(state: OrderState, *, num_examples: int, batch_size: int, seed
     if num_examples < 1 or batch_size < 1:
         raise ValueError(f"batch_indices: num_examples and batch_size must be >= 1, got {num_examples}, {batch_size}")
     if state.position >= num_examples:
-        raise ValueError(f"batch_indices: state.position={state.position} is past the {num_examples} examples; wrong dataset?")
+        raise ValueError(
+            f"batch_indices: state.position={state.position} is past the {num_examples} examples; wrong dataset?")
     epoch, position, chunks, needed = state.epoch, state.position, [], batch_size
     while needed:
         chunk = epoch_permutation(num_examples, seed, epoch)[position : position + needed]
@@ -44,7 +46,8 @@ def batch_indices(state: OrderState, *, num_examples: int, batch_size: int, seed
     return np.concatenate(chunks), OrderState(epoch=epoch, position=position)
 
 
-def batch_at(examples: Sequence[dict], state: OrderState, *, batch_size: int, seed: int) -> tuple[list[dict], OrderState]:
+def batch_at(examples: Sequence[dict], state: OrderState, *, batch_size: int,
+             seed: int) -> tuple[list[dict], OrderState]:
     """``(examples of the batch, next_state)``; see :func:`batch_indices`."""
     indices, next_state = batch_indices(state, num_examples=len(examples), batch_size=batch_size, seed=seed)
     return [examples[i] for i in indices], next_state

@@ -1,4 +1,5 @@
-"""Rows from ``datasets``: a hub name, or local jsonl/json/parquet/arrow/csv files; then our fields from their columns."""
+"""Rows from ``datasets``: a hub name, or local jsonl/json/parquet/arrow/csv files; then our fields from their
+columns."""
 from __future__ import annotations
 
 import glob

@@ -61,7 +61,8 @@ def _hub_rows(cfg: DataConfig, source: str, split: str) -> list[dict]:
     rows = load_rows(source, split=split, subset=cfg.subset, cache_dir=cfg.cache_dir)
     columns = {**HUB_COLUMNS[cfg.task], **cfg.columns}
     what = f"{cfg.task} data {source!r}"
-    return select_columns(rows, columns, optional=OPTIONAL_COLUMNS[cfg.task], required_override=tuple(cfg.columns), what=what)
+    return select_columns(rows, columns, optional=OPTIONAL_COLUMNS[cfg.task], required_override=tuple(cfg.columns),
+                          what=what)
 
 
 @register_task("gsm8k")
@@ -71,7 +72,8 @@ def gsm8k_task(cfg: DataConfig, source: str | None, split: str) -> list[dict]:
     for i, row in enumerate(_hub_rows(cfg, source, split)):
         solution = str(row["answer"])
         if "####" not in solution:
-            raise ValueError(f"gsm8k data {source!r}: row {i} has no '#### <answer>' in its answer column: {solution[-80:]!r}")
+            raise ValueError(
+                f"gsm8k data {source!r}: row {i} has no '#### <answer>' in its answer column: {solution[-80:]!r}")
         gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
         examples.append({"question": row["question"], "answer": gold, "solution": solution})
     return examples
@@ -85,7 +87,8 @@ def math_task(cfg: DataConfig, source: str | None, split: str) -> list[dict]:
     for i, row in enumerate(_hub_rows(cfg, source, split)):
         gold = row["answer"] if "answer" in row else last_boxed(str(row["solution"]))
         if gold is None or not str(gold).strip():
-            raise ValueError(f"math data {source!r}: row {i} has no answer column value and no \\boxed{{}} in its solution")
+            raise ValueError(
+                f"math data {source!r}: row {i} has no answer column value and no \\boxed{{}} in its solution")
         examples.append({"question": row["question"], "answer": str(gold).strip(), "solution": row["solution"]})
     return examples
 
@@ -120,6 +123,7 @@ def build_splits(cfg: DataConfig, tokenizer=None) -> Splits:
         try:
             user = cfg.template.format(**ex)
         except KeyError as e:
-            raise ValueError(f"DataConfig.template uses field {e} that {cfg.task!r} examples lack; fields: {sorted(ex)}") from None
+            raise ValueError(
+                f"DataConfig.template uses field {e} that {cfg.task!r} examples lack; fields: {sorted(ex)}") from None
         ex["prompt"] = render_prompt(tokenizer, user, system_prompt=cfg.system_prompt)
     return Splits(train=train, held_out=held_out)

@@ -17,9 +17,9 @@ from grpo_jax.losses.ppo import PPOConfig, finalize_ppo_stats, ppo_objective_par
 from grpo_jax.losses.terms import AggMode, KLKind, PolicyKind, aggregate, aggregate_parts, kl_penalty, masked_mean
 
 __all__ = [
-    "AggMode", "DPOConfig", "DPOKind", "KLKind", "LossConfig", "PPOConfig", "PolicyKind", "aggregate", "aggregate_parts",
-    "dpo_loss", "dpo_loss_parts", "finalize_dpo_stats", "finalize_objective_stats", "finalize_ppo_stats",
-    "finalize_stats", "group_preference_pairs", "grpo_objective", "grpo_objective_parts",
+    "AggMode", "DPOConfig", "DPOKind", "KLKind", "LossConfig", "PPOConfig", "PolicyKind", "aggregate",
+    "aggregate_parts", "dpo_loss", "dpo_loss_parts", "finalize_dpo_stats", "finalize_objective_stats",
+    "finalize_ppo_stats", "finalize_stats", "group_preference_pairs", "grpo_objective", "grpo_objective_parts",
     "hybrid_loss", "kl_penalty", "masked_mean", "merge_stats", "online_dpo_parts", "policy_loss", "policy_loss_terms",
     "ppo_objective_parts", "sequence_logps", "value_loss_terms",
 ]

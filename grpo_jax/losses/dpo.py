@@ -36,7 +36,8 @@ class DPOConfig:
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5 or (self.kind == "ipo" and self.label_smoothing):
-            raise ValueError(f"label_smoothing must be in [0, 0.5) and applies to kind='sigmoid' only, got {self.label_smoothing}")
+            raise ValueError(
+                f"label_smoothing must be in [0, 0.5) and applies to kind='sigmoid' only, got {self.label_smoothing}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
@@ -73,7 +74,8 @@ def dpo_loss_parts(
     pc, pr, rc, rr = (jnp.where(valid, x, 0.0) for x in (pc, pr, rc, rr))
     h = (pc - rc) - (pr - rr)
     if kind == "sigmoid":
-        loss_P = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+        loss_P = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
     else:
         loss_P = (h - 1.0 / (2.0 * beta)) ** 2
     total = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731

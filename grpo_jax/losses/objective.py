@@ -41,9 +41,11 @@ class LossConfig:
         if self.clip_high is not None and not self.clip_high > 0:
             raise ValueError(f"clip_high must be > 0 (or null for symmetric), got {self.clip_high}")
         if self.dual_clip is not None and (self.kind == "cispo" or not self.dual_clip > 1):
-            raise ValueError(f"dual_clip must be > 1 and applies to kind grpo/gspo, got {self.dual_clip} with {self.kind}")
+            raise ValueError(
+                f"dual_clip must be > 1 and applies to kind grpo/gspo, got {self.dual_clip} with {self.kind}")
         if self.norm_len is not None and (self.agg != "seq-mean-token-sum-norm" or not self.norm_len > 0):
-            raise ValueError(f"norm_len (>0) is only used with agg='seq-mean-token-sum-norm', got {self.norm_len} with {self.agg}")
+            raise ValueError(
+                f"norm_len (>0) is only used with agg='seq-mean-token-sum-norm', got {self.norm_len} with {self.agg}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
 

@@ -85,7 +85,8 @@ def aggregate_parts(
     if mode == "seq-mean-token-sum":
         return jnp.sum(v), rows
     if norm_len is None or not norm_len > 0:
-        raise ValueError(f"mode='seq-mean-token-sum-norm' needs a positive norm_len (e.g. max_new_tokens), got {norm_len!r}")
+        raise ValueError(
+            f"mode='seq-mean-token-sum-norm' needs a positive norm_len (e.g. max_new_tokens), got {norm_len!r}")
     return jnp.sum(v), rows * norm_len
 
 

@@ -1,4 +1,5 @@
-"""ModelConfig: one frozen description of a Qwen2/2.5, Qwen3 or Llama-3 decoder, read from and written to HF config.json.
+"""ModelConfig: one frozen description of a Qwen2/2.5, Qwen3 or Llama-3 decoder, read from and written to HF
+config.json.
 
 The three families differ only by flags: Qwen2 has q/k/v biases, Qwen3 has per-head RMSNorm on q and k, Llama may
 have ``attention_bias``/``mlp_bias`` and ``rope_scaling`` of type llama3. Both config.json layouts on the hub are
@@ -68,7 +69,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not supported; supported: {MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -161,7 +163,8 @@ class ModelConfig:
             raise ValueError("qwen2 has no output-projection bias; o_bias=True cannot be saved as a qwen2 config.json")
         if self.model_type != "qwen2":
             if self.qkv_bias != self.o_bias:
-                raise ValueError(f"{self.model_type} attention_bias covers q/k/v/o together; got {self.qkv_bias=} {self.o_bias=}")
+                raise ValueError(
+                    f"{self.model_type} attention_bias covers q/k/v/o together; got {self.qkv_bias=} {self.o_bias=}")
             hf["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":
             hf["mlp_bias"] = self.mlp_bias
@@ -172,7 +175,8 @@ class ModelConfig:
 
 
 def _rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """rope_theta and RopeScaling from ``rope_parameters`` (transformers 5) or top-level ``rope_theta``/``rope_scaling``."""
+    """rope_theta and RopeScaling from ``rope_parameters`` (transformers 5) or top-level
+    ``rope_theta``/``rope_scaling``."""
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -130,7 +130,8 @@ class Decoder(nnx.Module):
         if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
             raise ValueError(f"tokens_BxT must be a 2-D integer array, got {tokens_BxT.dtype}{list(tokens_BxT.shape)}")
         B, T = tokens_BxT.shape
-        mask_BxT = jnp.ones((B, T), bool) if attention_mask_BxT is None else jnp.asarray(attention_mask_BxT).astype(bool)
+        mask_BxT = (jnp.ones((B, T), bool) if attention_mask_BxT is None
+                    else jnp.asarray(attention_mask_BxT).astype(bool))
         if mask_BxT.shape != (B, T):
             raise ValueError(f"attention_mask_BxT has shape {mask_BxT.shape}, expected tokens' shape {(B, T)}")
         if cache is not None and cache.mask_BxS.shape[0] != B:
@@ -190,8 +191,10 @@ class Decoder(nnx.Module):
 
             def kv_write(k, v):  # write this layer's new k/v at slot `index`, then attend over the whole cache row
                 nonlocal k_all, v_all
-                k_all = jax.lax.dynamic_update_slice(k_all, _heads_first(k)[None].astype(k_all.dtype), (i, 0, 0, index, 0))
-                v_all = jax.lax.dynamic_update_slice(v_all, _heads_first(v)[None].astype(v_all.dtype), (i, 0, 0, index, 0))
+                k_all = jax.lax.dynamic_update_slice(k_all, _heads_first(k)[None].astype(k_all.dtype),
+                                                     (i, 0, 0, index, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, _heads_first(v)[None].astype(v_all.dtype),
+                                                     (i, 0, 0, index, 0))
                 return k_all[i].astype(k.dtype), v_all[i].astype(v.dtype)
 
             x = _layer(cfg, p, x, cos, sin, kv_write, key_mask_BxS, index)

@@ -85,7 +85,8 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # offline, unknown repo, gated, ...
-        raise FileNotFoundError(f"could not download {name!r} from the hub (offline? pass a local folder): {err}") from err
+        raise FileNotFoundError(
+            f"could not download {name!r} from the hub (offline? pass a local folder): {err}") from err
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -137,7 +138,8 @@ def load_hf(
             if "{i}" not in hf_name:
                 return _to_ours(read(hf_name), layout, shape)[index].astype(np_dtype)
             layers = range(*index[0].indices(shape[0]))
-            return np.stack([_to_ours(read(hf_name.format(i=i)), layout, shape[1:])[index[1:]] for i in layers]).astype(np_dtype)
+            return np.stack([_to_ours(read(hf_name.format(i=i)), layout, shape[1:])[index[1:]]
+                             for i in layers]).astype(np_dtype)
 
         sharding = shardings[param_path].get_value() if shardings else SingleDeviceSharding(jax.devices()[0])
         var.set_value(jax.make_array_from_callback(shape, sharding, shard))

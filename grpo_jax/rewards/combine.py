@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_jax.rewards.config import RewardSpec, RewardsConfig
+from grpo_jax.rewards.config import RewardsConfig, RewardSpec
 from grpo_jax.rewards.pool import BUDGET_SPENT, Outcome, RewardPool, run_inline
 from grpo_jax.rewards.registry import RegisteredReward, check_kwargs, get_reward
 from grpo_jax.rewards.scores import MAX_ABS_SCORE, Invalid, as_score, describe
@@ -87,7 +87,8 @@ def reward_table(
     pool: RewardPool | None = None,
     terms: Sequence[RewardTerm] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
-    """``(rewards_B float32, {name: values_B}, metrics)`` for B completions laid out as consecutive groups of ``group_size``.
+    """``(rewards_B float32, {name: values_B}, metrics)`` for B completions laid out as consecutive groups of
+    ``group_size``.
 
     lengths_B: completion lengths in tokens; required for overlong shaping, and used by group rewards
       (otherwise they see character lengths).

@@ -133,7 +133,8 @@ class RewardPool:
         self.startup_timeout_s = startup_timeout_s
         self._workers = [_Worker() for _ in range(num_workers)]
 
-    def map(self, fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any], *, timeout_s: float) -> list[Outcome]:
+    def map(self, fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any], *,
+            timeout_s: float) -> list[Outcome]:
         """One Outcome per args tuple, in order: ``fn(*args, **kwargs)`` run in a worker under ``timeout_s``; a value
         comes back as a float score or an :class:`Invalid` (see :func:`~grpo_jax.rewards.scores.as_score`)."""
         if not self._workers:
@@ -161,7 +162,8 @@ class RewardPool:
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
-                    message = Outcome(error="WorkerDied", traceback=f"reward worker exited with code {worker.proc.exitcode}")
+                    message = Outcome(error="WorkerDied",
+                                      traceback=f"reward worker exited with code {worker.proc.exitcode}")
                     idle.append(self._replace(worker))
                 else:
                     if message == _STARTED:
@@ -173,7 +175,8 @@ class RewardPool:
             now = time.monotonic()
             for worker, job in list(busy.items()):
                 if job.deadline <= now and not worker.conn.poll():
-                    limit = f"its {timeout_s}s timeout" if job.started else f"startup_timeout_s={self.startup_timeout_s}"
+                    limit = (f"its {timeout_s}s timeout" if job.started
+                             else f"startup_timeout_s={self.startup_timeout_s}")
                     outcomes[job.index] = Outcome(error="Timeout", traceback=f"{fn!r} exceeded {limit}")
                     del busy[worker]
                     idle.append(self._replace(worker))

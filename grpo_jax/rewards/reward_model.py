@@ -21,7 +21,8 @@ MIN_BUCKET = 16
 
 
 class RewardModelScorer:
-    """Loads a HF sequence-classification folder (``load_hf``) and its tokenizer once; ``scorer(users, completions)``."""
+    """Loads a HF sequence-classification folder (``load_hf``) and its tokenizer once;
+    ``scorer(users, completions)``."""
 
     def __init__(
         self, path: str, *, tokenizer_path: str | None = None, dtype: str = "float32", max_length: int = 2048,
@@ -36,7 +37,8 @@ class RewardModelScorer:
             raise ValueError(f"reward_model: max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
         model = load_hf(path, dtype=dtype)
         if not isinstance(model, SequenceClassifier):
-            raise ValueError(f"reward_model: {path} is not a *ForSequenceClassification checkpoint (got {type(model).__name__})")
+            raise ValueError(f"reward_model: {path} is not a *ForSequenceClassification checkpoint "
+                             f"(got {type(model).__name__})")
         if not 0 <= label < model.config.num_labels:
             raise ValueError(f"reward_model: label must be in [0, {model.config.num_labels}), got {label}")
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)

@@ -27,7 +27,8 @@ def _group_view(rewards_B: jax.Array, group_size: int, name: str) -> jax.Array:
     rewards_B = jnp.asarray(rewards_B)
     if rewards_B.ndim != 1 or group_size < 1 or rewards_B.shape[0] % group_size:
         raise ValueError(
-            f"{name}: rewards_B must be 1-D with a length divisible by group_size={group_size}, got shape {rewards_B.shape}"
+            f"{name}: rewards_B must be 1-D with a length divisible by group_size={group_size}, "
+            f"got shape {rewards_B.shape}"
         )
     return rewards_B.reshape(-1, group_size)
 
