@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax.losses import merge_stats
 from grpo_jax.losses.terms import safe_divide
@@ -183,9 +184,19 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0 state, built under jit so every leaf (optimizer moments included) gets a sharding derived from the
-    params' (pass ``state_sharding(state)`` to ``make_train_step``)."""
-    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)))(params)
+    """Step 0 state: the optimizer's per-param leaves (AdamW's moments) placed exactly like their params (sharded
+    over fsdp/tensor as the params are: left to itself XLA replicates them), its other leaves (counts) replicated
+    on the params' mesh. Pass ``state_sharding(state)`` to ``make_train_step``."""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), shardings,
+                                          transform_non_params=lambda _: replicated,
+                                          is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    out = TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
+    init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)),
+                   out_shardings=out)
+    return init(params)
 
 
 def state_sharding(state: TrainState):

@@ -100,3 +100,22 @@ def test_reference_logprobs_per_micro_batch_equal_the_whole_batch():
     for m in (2, 4):
         per_micro = logprob_fn(graphdef, 1.0, 128, micro_batches=m)(params, b.tokens_BxS, b.attn_mask_BxS)
         np.testing.assert_allclose(np.asarray(per_micro), np.asarray(whole), atol=1e-6)
+
+
+def test_optimizer_moments_are_sharded_like_their_params():
+    from grpo_jax.mesh import make_mesh, shard_model
+    from grpo_jax.models import ModelConfig, build_model
+
+    mesh = make_mesh(1, 4, 2)  # fsdp 4 x tensor 2 over the 8 test devices
+    model = shard_model(build_model(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8),
+                                    rngs=nnx.Rngs(0)), mesh)
+    _, params = nnx.split(model)
+    opt = make_optimizer(OptimConfig(weight_decay=0.1), 10)
+    state = init_train_state(params, opt)
+    specs = [x.sharding.spec for x in jax.tree.leaves(params)]
+    assert any(s != jax.sharding.PartitionSpec() for s in specs)  # the params really are sharded
+    adam = [s for s in jax.tree.leaves(state.opt_state) if s.ndim > 0]
+    assert len(adam) == 2 * len(specs)  # mu and nu of every param
+    assert [x.sharding.spec for x in adam] == specs + specs
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)
