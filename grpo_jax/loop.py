@@ -112,7 +112,7 @@ def update(run: Run, rs: RunState, batch: Batch, step: int) -> tuple[RunState, d
     return dataclasses.replace(rs, train=train, ref_params=ref), metrics
 
 
-def step_metrics(run: Run, col: Collected, scored: Scored, correct_B: np.ndarray, rs: RunState) -> dict:
+def step_metrics(col: Collected, scored: Scored, correct_B: np.ndarray, rs: RunState) -> dict:
     """What one step shows besides the rewards, the advantages and the update: lengths, accuracy, group sizes."""
     lengths, n = col.lengths_B[:col.n_valid], col.n_valid
     out = {"length/mean": lengths.mean(), "length/max": lengths.max(),
@@ -157,7 +157,7 @@ def train_one_step(run: Run, rs: RunState, step: int, first: bool) -> tuple[RunS
     t5 = time.perf_counter()
     if rs.history is not None:
         rs.history.update(col.examples, col.sizes, correct_B, col.lengths_B[:col.n_valid])
-    metrics |= adv_metrics | step_metrics(run, col, scored, correct_B, rs) | {
+    metrics |= adv_metrics | step_metrics(col, scored, correct_B, rs) | {
         f"train/{k}": float(v) for k, v in train_metrics.items()}
     metrics |= {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/prep_s": t3 - t2, "time/train_s": t5 - t4,
                 "time/step_s": time.perf_counter() - t0, "throughput/rollout_tok_s": col.lengths_B.sum() / (t1 - t0),
