@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from grpo_jax.algorithms import make_algorithm
+from grpo_jax.algorithms import ALGORITHMS, make_algorithm
 from grpo_jax.config import ConfigError, from_dict
 from grpo_jax.critic import add_value_head, token_values
 from grpo_jax.experiment import ExperimentConfig
@@ -128,7 +128,7 @@ def test_pair_micro_batches_must_hold_whole_groups():
         ({"preset": "dpo", "dpo": {"beta": 0.0}}, {}, "beta must be > 0"),
         ({"preset": "hybrid", "dpo": {"alpha": 2.0}}, {}, "alpha must be in [0, 1]"),
         ({"preset": "ppo", "ppo": {"lam": 1.5}}, {}, "lam must be in [0, 1]"),
-        ({"kind": "ppx"}, {}, "kind='ppx' is not an algorithm; choose one of ['dpo', 'grpo', 'hybrid', 'ppo']"),
+        ({"kind": "ppx"}, {}, f"kind='ppx' is not an algorithm; choose one of {sorted(ALGORITHMS)}"),
         ({"preset": "dpo"}, {"micro_batches": 3}, "train.micro_batches=3 must divide train.batch_prompts=4"),
         ({"preset": "ppo"}, {"kl_in_reward": True}, "kl_in_reward is implemented for algo.kind=grpo only"),
     ],

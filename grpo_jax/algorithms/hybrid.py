@@ -4,49 +4,23 @@ Micro-batches hold whole groups."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
-import jax.numpy as jnp
-
-from grpo_jax.algorithms.base import refuse_grpo_options
-from grpo_jax.algorithms.dpo import (
-    check_paired_config,
-    check_whole_groups,
-    finalize_pairs,
-    pairs_denominator,
-    pairs_part,
-)
+from grpo_jax.algorithms.dpo import Paired, finalize_pairs, pairs_part
 from grpo_jax.algorithms.grpo import GRPO
 from grpo_jax.losses import finalize_objective_stats, grpo_objective_parts, hybrid_loss
 from grpo_jax.train_step import Batch
 
-if TYPE_CHECKING:
-    from grpo_jax.experiment import ExperimentConfig
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Hybrid(GRPO):
+class Hybrid(Paired, GRPO):
     kind = "hybrid"
-    contiguous = True
-
-    @classmethod
-    def check_config(cls, cfg: ExperimentConfig) -> None:
-        refuse_grpo_options(cls.kind, cfg)
-        check_paired_config(cls.kind, cfg)
-
-    @property
-    def needs_reference(self) -> bool:
-        return True
 
     def assemble(self, scored, passes, moments):
         batch, moments, metrics = super().assemble(scored, passes, moments)
-        return batch.replace(rewards_B=jnp.asarray(scored.rewards_B, jnp.float32)), moments, metrics
+        return self.with_rewards(batch, scored), moments, metrics
 
     def denominators(self, batch: Batch):
-        return super().denominators(batch) | {"pairs": pairs_denominator(batch.rewards_B, self.group_size)}
-
-    def check_batch(self, rows: int, micro_batches: int) -> None:
-        check_whole_groups(self.kind, rows, micro_batches, self.group_size)
+        return super().denominators(batch) | self.pairs_denominator(batch)
 
     def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens):
         num, _, pg = grpo_objective_parts(logp_BxS, old_logp_BxS, mb.ref_logp_BxS, mb.adv, mb.loss_mask_BxS, self.loss)
