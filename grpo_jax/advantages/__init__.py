@@ -20,11 +20,18 @@ from grpo_jax.advantages.group import (
     rloo_advantages,
 )
 from grpo_jax.advantages.stats import RunningMoments, running_moments_update, segment_moments, whiten
-from grpo_jax.advantages.tokens import TokenNorm, kl_reward_advantages, multiscale_advantages, reward_to_go
+from grpo_jax.advantages.tokens import (
+    TokenNorm,
+    kl_return_to_go,
+    kl_reward_advantages,
+    multiscale_advantages,
+    reward_to_go,
+)
 
 __all__ = [
     "AdvantageConfig", "Baseline", "Estimator", "NormScale", "RunningMoments", "Scale", "TokenNorm",
     "compute_advantages", "compute_advantages_with_state", "gae_advantages", "group_advantages",
-    "kl_reward_advantages", "multiscale_advantages", "normalized_advantages", "ppo_advantages", "reward_to_go",
+    "kl_return_to_go", "kl_reward_advantages", "multiscale_advantages", "normalized_advantages", "ppo_advantages",
+    "reward_to_go",
     "rloo_advantages", "running_moments_update", "segment_moments", "terminal_rewards", "whiten",
 ]

@@ -60,6 +60,14 @@ def multiscale_advantages(
     return jax.lax.stop_gradient(jnp.where(mask, a_B[:, None] + alpha * u, 0.0))
 
 
+def kl_return_to_go(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+    """The return-to-go of the per-token reward -k1: u_it = -Σ_{t' >= t} m_it' (logp_it' - ref_it'), with logp the
+    rollout (behaviour) log-probs. float32, 0 where masked."""
+    mask = jnp.asarray(mask_BxT).astype(bool)
+    k1_BxT = jnp.where(mask, jnp.asarray(logp_BxT, jnp.float32) - jnp.asarray(ref_logp_BxT, jnp.float32), 0.0)
+    return -reward_to_go(k1_BxT, mask)
+
+
 def kl_reward_advantages(
     adv_B: jax.Array, logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array, beta: float
 ) -> jax.Array:
@@ -70,6 +78,4 @@ def kl_reward_advantages(
 
     with logp the rollout (behaviour) log-probs. No gradient flows through it. Returns float32 adv_BxT (0 where masked).
     """
-    mask = jnp.asarray(mask_BxT).astype(bool)
-    k1_BxT = jnp.where(mask, jnp.asarray(logp_BxT, jnp.float32) - jnp.asarray(ref_logp_BxT, jnp.float32), 0.0)
-    return multiscale_advantages(adv_B, -reward_to_go(k1_BxT, mask), mask, alpha=beta)
+    return multiscale_advantages(adv_B, kl_return_to_go(logp_BxT, ref_logp_BxT, mask_BxT), mask_BxT, alpha=beta)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.advantages import RunningMoments, kl_reward_advantages, multiscale_advantages, reward_to_go
+from grpo_jax.advantages import RunningMoments, kl_return_to_go, kl_reward_advantages, multiscale_advantages
 from grpo_jax.algorithms.base import Algorithm, Passes, Scored, adv_metrics, rollout_batch, token_adv_metrics
 from grpo_jax.losses import finalize_objective_stats, grpo_objective_parts
 from grpo_jax.train_step import Batch
@@ -71,11 +70,10 @@ class GRPO(Algorithm):
             adv = kl_reward_advantages(adv_B, old, ref_logp_BxS, mask, self.algo.loss.beta)
             ref_logp_BxS = None
         if cfg.token_alpha > 0:
-            k1 = jnp.where(mask, old - ref_logp_BxS, 0.0)
             ragged = scored.group_ids_B is not None
             groups = (dict(group_size=None, group_ids_B=scored.group_ids_B, num_groups=self.num_groups) if ragged
                       else dict(group_size=self.group_size))
-            adv = multiscale_advantages(adv, -reward_to_go(k1, mask), mask, alpha=cfg.token_alpha,
+            adv = multiscale_advantages(adv, kl_return_to_go(old, ref_logp_BxS, mask), mask, alpha=cfg.token_alpha,
                                         normalize=cfg.token_norm, **groups)
             ref_logp_BxS = ref_logp_BxS if self.loss.beta > 0 else None
         return batch.replace(ref_logp_BxS=ref_logp_BxS, adv=adv)
