@@ -16,6 +16,7 @@ An algorithm owns four things; the loop and the train step call them and never t
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -92,7 +93,7 @@ def refuse_grpo_options(kind: str, cfg: ExperimentConfig) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Algorithm:
+class Algorithm(abc.ABC):
     """Settings every kind reads: ``algo`` as configured, ``loss`` as the step applies it (``norm_len`` filled in,
     β moved into the reward by ``kl_in_reward``), the group layout and the rollout length."""
 
@@ -140,9 +141,10 @@ class Algorithm:
         return policy
 
     # -- batch ----------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def assemble(self, scored: Scored, passes: Passes, moments: RunningMoments
                  ) -> tuple[Batch, RunningMoments, dict[str, float]]:
-        raise NotImplementedError
+        """(the training batch, the running moments after it, host metrics of its advantages)."""
 
     def sequence_advantages(self, scored: Scored, moments: RunningMoments) -> tuple[jax.Array, RunningMoments]:
         """``algo.advantage`` applied to the rewards (contiguous groups, or ragged ones), folding the batch into the
@@ -174,9 +176,11 @@ class Algorithm:
     def check_batch(self, rows: int, micro_batches: int) -> None:
         """Static checks of the batch layout (rows, micro-batches) at trace time."""
 
+    @abc.abstractmethod
     def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens) -> tuple[jax.Array, Stats]:
-        raise NotImplementedError
+        """(this micro-batch's share of the loss: its numerators over ``dens``, its stats groups to merge)."""
 
+    @abc.abstractmethod
     def finalize(self, stats: Stats) -> dict[str, jax.Array]:
-        raise NotImplementedError
+        """Merged stats -> the step's metrics."""
 
