@@ -38,6 +38,7 @@ class ModelSection:
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: bool = False
+    scan_layers: bool = True  # False: unroll the decoder layers (compile time grows with depth; faster steps on CPU)
 
     def __post_init__(self):
         if (self.path is None) == (self.init is None):

@@ -37,7 +37,7 @@ def load_tokenizer(model_cfg: ModelSection):
 
 def _load(path, cfg: ExperimentConfig, mesh) -> CausalLM:
     m = cfg.model
-    return load_hf(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+    return load_hf(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat, scan_layers=m.scan_layers)
 
 
 def build_policy(cfg: ExperimentConfig, tokenizer, mesh) -> CausalLM:
@@ -45,7 +45,8 @@ def build_policy(cfg: ExperimentConfig, tokenizer, mesh) -> CausalLM:
     m = cfg.model
     if m.path is not None:
         return _load(m.path, cfg, mesh)
-    model_cfg = dataclasses.replace(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    model_cfg = dataclasses.replace(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                    scan_layers=m.scan_layers)
     if model_cfg.vocab_size < len(tokenizer):
         raise ConfigError(
             f"model.init.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")

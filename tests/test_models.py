@@ -134,6 +134,24 @@ def test_remat_gives_same_logits_and_grads(pair):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_unrolled_layers_give_the_same_logits_and_grads(pair):
+    _, ours = pair["qwen2"]
+    unrolled = _with_config(ours, scan_layers=False)
+    tokens, mask = left_padded([16, 9], 16, seed=8)
+
+    def loss(model):
+        return jnp.mean(model(tokens, attention_mask_BxT=mask)[..., :5] ** 2)
+
+    jaxprs = [str(jax.make_jaxpr(lambda s, g=g: loss(nnx.merge(g, s)))(s)) for g, s in map(nnx.split, (ours, unrolled))]
+    L = ours.config.num_layers  # the layer scan is unrolled L-fold
+    assert "unroll=1" in jaxprs[0] and f"unroll={L}" in jaxprs[1]
+    np.testing.assert_allclose(unrolled(tokens, attention_mask_BxT=mask), ours(tokens, attention_mask_BxT=mask),
+                               atol=1e-5)
+    grad = nnx.jit(nnx.grad(loss))
+    for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(unrolled))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_bf16_compute_with_fp32_params(tmp_path):
     hf = hf_causal_lm("llama")
     hf.save_pretrained(tmp_path)

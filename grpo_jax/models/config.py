@@ -65,6 +65,7 @@ class ModelConfig:
     dtype: DType = "float32"  # compute dtype (activations, matmul inputs); attention softmax is always float32
     param_dtype: DType = "float32"
     remat: bool = False  # jax.checkpoint each layer (recompute activations in the backward pass)
+    scan_layers: bool = True  # lax.scan over the layers (compile time flat in depth); False unrolls (faster on CPU)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
