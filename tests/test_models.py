@@ -118,37 +118,25 @@ def test_reward_head_matches_qwen2_for_sequence_classification(tmp_path, padding
     assert (tokens[:, -1] == PAD).any() == (padding == "right")
 
 
-def test_remat_gives_same_logits_and_grads(pair):
+@pytest.mark.parametrize("override, plain_mark, variant_mark", [
+    ({"remat": True}, None, "remat"),  # jax.checkpoint around each layer
+    ({"scan_layers": False}, "unroll=1", "unroll=2"),  # the 2-layer scan unrolled
+])
+def test_remat_and_unrolled_layers_give_same_logits_and_grads(pair, override, plain_mark, variant_mark):
     _, ours = pair["qwen2"]
-    remat = _with_config(ours, remat=True)
+    variant = _with_config(ours, **override)
     tokens, mask = left_padded([16, 9], 16, seed=8)
 
     def loss(model):
         return jnp.mean(model(tokens, attention_mask_BxT=mask)[..., :5] ** 2)
 
-    jaxprs = [str(jax.make_jaxpr(lambda s, g=g: loss(nnx.merge(g, s)))(s)) for g, s in map(nnx.split, (ours, remat))]
-    assert "remat" not in jaxprs[0] and "remat" in jaxprs[1]
-    grad = nnx.jit(nnx.grad(loss))
-    g_plain, g_remat = grad(ours), grad(remat)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-
-
-def test_unrolled_layers_give_the_same_logits_and_grads(pair):
-    _, ours = pair["qwen2"]
-    unrolled = _with_config(ours, scan_layers=False)
-    tokens, mask = left_padded([16, 9], 16, seed=8)
-
-    def loss(model):
-        return jnp.mean(model(tokens, attention_mask_BxT=mask)[..., :5] ** 2)
-
-    jaxprs = [str(jax.make_jaxpr(lambda s, g=g: loss(nnx.merge(g, s)))(s)) for g, s in map(nnx.split, (ours, unrolled))]
-    L = ours.config.num_layers  # the layer scan is unrolled L-fold
-    assert "unroll=1" in jaxprs[0] and f"unroll={L}" in jaxprs[1]
-    np.testing.assert_allclose(unrolled(tokens, attention_mask_BxT=mask), ours(tokens, attention_mask_BxT=mask),
+    jaxprs = [str(jax.make_jaxpr(lambda s, g=g: loss(nnx.merge(g, s)))(s)) for g, s in map(nnx.split, (ours, variant))]
+    assert variant_mark not in jaxprs[0] and variant_mark in jaxprs[1]
+    assert plain_mark is None or plain_mark in jaxprs[0]
+    np.testing.assert_allclose(variant(tokens, attention_mask_BxT=mask), ours(tokens, attention_mask_BxT=mask),
                                atol=1e-5)
     grad = nnx.jit(nnx.grad(loss))
-    for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(unrolled))):
+    for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(variant))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
