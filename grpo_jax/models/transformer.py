@@ -8,6 +8,8 @@ its logical axis names in ``out_sharding`` metadata (names from ``grpo_jax.mesh.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -64,8 +66,13 @@ class LayerStack(nnx.Module):
         self.down_bias = p(("embed",), (E,), "zeros") if cfg.mlp_bias else None
 
 
-def _dense(x: jax.Array, w: nnx.Param, equation: str, bias: nnx.Param | None) -> jax.Array:
-    y = jnp.einsum(equation, x, w[...].astype(x.dtype))
+def _dense(x: jax.Array, w: nnx.Param, n_in: int, bias: nnx.Param | None) -> jax.Array:
+    """A projection: x's trailing ``n_in`` dims contracted with w's leading ones, y = x·w (+ bias), computed as one
+    2-D matmul [rows, in] @ [in, out]. (The same contraction as a 3-D/4-D einsum has a backward several times slower
+    on XLA:CPU; ``shared/perf/NOTES.md``.)"""
+    w_ = w[...].astype(x.dtype)
+    lead, in_shape, out_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:], w_.shape[n_in:]
+    y = (x.reshape(-1, math.prod(in_shape)) @ w_.reshape(math.prod(in_shape), -1)).reshape(lead + out_shape)
     return y if bias is None else y + bias[...].astype(x.dtype)
 
 
@@ -97,17 +104,17 @@ def _layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, kv_write, key_mas
     """One decoder layer. ``kv_write(k_BxTxKxH, v_BxTxKxH) -> (keys_BxKxSxH, values_BxKxSxH)`` stores the new k/v in
     the cache (and returns the whole cached row) or just returns them, heads first."""
     h = rms_norm(x_BxTxE, p.attn_norm, cfg.rms_norm_eps)
-    q = _dense(h, p.q, "bte,enh->btnh", p.q_bias)
-    k = _dense(h, p.k, "bte,enh->btnh", p.k_bias)
-    v = _dense(h, p.v, "bte,enh->btnh", p.v_bias)
+    q = _dense(h, p.q, 1, p.q_bias)
+    k = _dense(h, p.k, 1, p.k_bias)
+    v = _dense(h, p.v, 1, p.v_bias)
     if cfg.qk_norm:
         q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
     keys, values = kv_write(apply_rope(k, cos, sin), v)
     attn = attend(apply_rope(q, cos, sin), keys, values, key_mask_BxS, offset)
-    x_BxTxE = x_BxTxE + _dense(attn, p.o, "btnh,nhe->bte", p.o_bias)
+    x_BxTxE = x_BxTxE + _dense(attn, p.o, 2, p.o_bias)
     h = rms_norm(x_BxTxE, p.mlp_norm, cfg.rms_norm_eps)
-    gated = jax.nn.silu(_dense(h, p.gate, "bte,ef->btf", p.gate_bias)) * _dense(h, p.up, "bte,ef->btf", p.up_bias)
-    return x_BxTxE + _dense(gated, p.down, "btf,fe->bte", p.down_bias)
+    gated = jax.nn.silu(_dense(h, p.gate, 1, p.gate_bias)) * _dense(h, p.up, 1, p.up_bias)
+    return x_BxTxE + _dense(gated, p.down, 1, p.down_bias)
 
 
 class Decoder(nnx.Module):
