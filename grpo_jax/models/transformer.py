@@ -100,21 +100,30 @@ def _heads_first(x_BxTxKxH: jax.Array) -> jax.Array:
     return x_BxTxKxH.transpose(0, 2, 1, 3)
 
 
-def _layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, kv_write, key_mask_BxS, offset):
-    """One decoder layer. ``kv_write(k_BxTxKxH, v_BxTxKxH) -> (keys_BxKxSxH, values_BxKxSxH)`` stores the new k/v in
-    the cache (and returns the whole cached row) or just returns them, heads first."""
+def decoder_layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, attention):
+    """One decoder layer. ``attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) -> out_BxTxNxH`` receives the new tokens'
+    rotated queries and keys and their values; it stores them in a cache if there is one and attends over whatever
+    keys it owns (the same tokens, a KV cache, a packed or shared-prompt layout)."""
     h = rms_norm(x_BxTxE, p.attn_norm, cfg.rms_norm_eps)
     q = _dense(h, p.q, 1, p.q_bias)
     k = _dense(h, p.k, 1, p.k_bias)
     v = _dense(h, p.v, 1, p.v_bias)
     if cfg.qk_norm:
         q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
-    keys, values = kv_write(apply_rope(k, cos, sin), v)
-    attn = attend(apply_rope(q, cos, sin), keys, values, key_mask_BxS, offset)
+    attn = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     x_BxTxE = x_BxTxE + _dense(attn, p.o, 2, p.o_bias)
     h = rms_norm(x_BxTxE, p.mlp_norm, cfg.rms_norm_eps)
     gated = jax.nn.silu(_dense(h, p.gate, 1, p.gate_bias)) * _dense(h, p.up, 1, p.up_bias)
     return x_BxTxE + _dense(gated, p.down, 1, p.down_bias)
+
+
+def cached_attention(kv_write, key_mask_BxS, offset):
+    """The ``attention`` of a layer with a KV cache: ``kv_write(k_BxTxKxH, v_BxTxKxH) -> (keys_BxKxSxH,
+    values_BxKxSxH)`` stores the new k/v and returns the whole cached rows; queries sit at slots offset.."""
+    def attention(q, k, v):
+        keys, values = kv_write(k, v)
+        return attend(q, keys, values, key_mask_BxS, offset)
+    return attention
 
 
 class Decoder(nnx.Module):
@@ -154,7 +163,8 @@ class Decoder(nnx.Module):
         if cache is None:
             def body(x, layer_state):
                 p = nnx.merge(graphdef, layer_state)
-                return _layer(cfg, p, x, cos, sin, lambda k, v: (_heads_first(k), _heads_first(v)), mask_BxT, 0), None
+                self_attention = cached_attention(lambda k, v: (_heads_first(k), _heads_first(v)), mask_BxT, 0)
+                return decoder_layer(cfg, p, x, cos, sin, self_attention), None
 
             body = jax.checkpoint(body) if cfg.remat else body
             x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, stack, unroll=1 if cfg.scan_layers else cfg.num_layers)
@@ -184,7 +194,7 @@ class Decoder(nnx.Module):
                 vs[i] = jax.lax.dynamic_update_slice(vs[i], _heads_first(v).astype(vs[i].dtype), (0, 0, index, 0))
                 return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
 
-            x_BxTxE = _layer(self.config, p, x_BxTxE, cos, sin, kv_write, key_mask_BxS, index)
+            x_BxTxE = decoder_layer(self.config, p, x_BxTxE, cos, sin, cached_attention(kv_write, key_mask_BxS, index))
         return x_BxTxE, tuple(ks), tuple(vs)
 
     def _prefill_layers(self, x_BxTxE, graphdef, stack, cos, sin, cache: KVCache, key_mask_BxS):
@@ -205,7 +215,7 @@ class Decoder(nnx.Module):
                                                      (i, 0, 0, index, 0))
                 return k_all[i].astype(k.dtype), v_all[i].astype(v.dtype)
 
-            x = _layer(cfg, p, x, cos, sin, kv_write, key_mask_BxS, index)
+            x = decoder_layer(cfg, p, x, cos, sin, cached_attention(kv_write, key_mask_BxS, index))
             return (x, k_all, v_all), None
 
         body_cached = jax.checkpoint(body_cached) if cfg.remat else body_cached
