@@ -31,6 +31,24 @@ def test_flop_and_byte_accounting_hand_computed():
     assert perf.device_peaks()[0] is None  # CPU: no published peak, so MFU is reported as null
 
 
+def test_step_throughput_hand_computed():
+    """Per-phase model FLOP/s of one RL step (the figures loop.py logs every step); no MFU on CPU."""
+    cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=4)
+    # forward per token at context c: 3904 + 64 c. Rollout: 2 rows x 2 prompt tokens at c = 1, then 1 and 3 new
+    # tokens at c = 2 + 1/2 and 2 + 3/2.
+    rollout = 2 * 2 * (3904 + 64) + 1 * (3904 + 64 * 2.5) + 3 * (3904 + 64 * 3.5)
+    out = perf.step_throughput(cfg, {"rollout_s": 1.0, "prep_s": 2.0, "train_s": 4.0}, prompt_len=2,
+                               new_tokens_B=[1, 3], seq_tokens=10, seq_len=5, updates=2, reference=True)
+    assert out["throughput/rollout_tflops"] == pytest.approx(rollout / 1e12)
+    assert out["throughput/prep_tflops"] == pytest.approx(10 * (3904 + 64 * 2.5) / 2 / 1e12)  # the reference forward
+    assert out["throughput/update_tflops"] == pytest.approx(2 * 3 * 10 * (3904 + 64 * 2.5) / 4 / 1e12)
+    assert not any(k.startswith("mfu/") for k in out)  # CPU: no known peak
+    no_ref = perf.step_throughput(cfg, {"rollout_s": 1.0, "prep_s": 2.0, "train_s": 4.0}, prompt_len=2,
+                                  new_tokens_B=[1, 3], seq_tokens=10, seq_len=5, updates=1, reference=False)
+    assert "throughput/prep_tflops" not in no_ref
+
+
 def test_forward_benchmark_smoke(capsys):
     report = load("forward").main(["--tiny"])
     assert report["max_abs_logits_diff"] < 1e-4
@@ -50,3 +68,13 @@ def test_train_step_benchmark_smoke(capsys):
     assert result["train"]["tokens_per_s"]["median"] > 0 and result["train"]["peak_memory_bytes"] > 0
     assert result["train"]["mfu"] is None and result["decode"]["hbm_utilisation"] is None  # CPU
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["device_kind"] == "cpu"
+
+
+@pytest.mark.slow
+def test_step_vs_trl_benchmark_smoke(capsys):
+    """Both sides (TRL GRPOTrainer and our loop) each run a step in their own process."""
+    (result,) = load("step_vs_trl").main(["--tiny"])
+    assert result["trl"]["step_s"]["median"] > 0 and result["grpo_jax"]["step_s"]["median"] > 0
+    assert result["grpo_jax"]["update_s"]["median"] > 0 and result["update_over_ref_forward"] > 0
+    assert result["recompiles_after_warmup"] == [0]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "step_vs_trl"
