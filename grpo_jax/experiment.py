@@ -113,6 +113,9 @@ class RolloutSection:
     top_k: int | None = None
     top_p: float | None = None
     min_prompt_bucket: int = 16
+    # True: every prompt is padded to the training split's longest (bucketed), so the rollout and the update keep one
+    # shape for the whole run (no recompiles after the first step), at the cost of padding short prompts
+    fixed_prompt_len: bool = False
     dynamic_group: DynamicGroupConfig | None = None  # per-prompt group sizes within the same P·G rows
 
     def __post_init__(self):

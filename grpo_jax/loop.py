@@ -25,6 +25,7 @@ from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import rollout_rows
 from grpo_jax.mesh import shard_batch
 from grpo_jax.multihost import is_primary, to_host
+from grpo_jax.perf import step_throughput
 from grpo_jax.rewards import dynamic_sampling_mask, reward_table
 from grpo_jax.rollout import Rollout, generate
 from grpo_jax.run import Run, build_run, cost_metrics
@@ -70,7 +71,7 @@ def collect(run: Run, rs: RunState, step: int) -> tuple[Collected, RunState]:
                   max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if fixed else 1,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                   eos_ids=run.eos_ids, pad_id=run.tokenizer.pad_token_id, rng=jax.random.fold_in(run.key, step),
-                  min_prompt_bucket=cfg.rollout.min_prompt_bucket, mesh=run.mesh)
+                  min_prompt_bucket=run.prompt_bucket, mesh=run.mesh)
     return (Collected(examples, rows, sizes, n_valid, ids_B, ro, to_host(ro.lengths_B)),
             dataclasses.replace(rs, order=order))
 
@@ -136,7 +137,7 @@ def run_eval(run: Run, params, step: int) -> dict[str, float]:
     return evaluate(nnx.merge(run.graphdef, params), run.tokenizer, held_out, rewards=cfg.rewards,
                     correct_reward=cfg.correct_reward, max_new_tokens=cfg.rollout.max_new_tokens,
                     batch_prompts=cfg.eval.batch_prompts, pass_k=cfg.eval.pass_k, temperature=cfg.rollout.temperature,
-                    pool=run.pool, mesh=run.mesh, min_prompt_bucket=cfg.rollout.min_prompt_bucket,
+                    pool=run.pool, mesh=run.mesh, min_prompt_bucket=run.prompt_bucket,
                     key=jax.random.fold_in(run.eval_key, step))
 
 
@@ -159,10 +160,20 @@ def train_one_step(run: Run, rs: RunState, step: int, first: bool) -> tuple[RunS
         rs.history.update(col.examples, col.sizes, correct_B, col.lengths_B[:col.n_valid])
     metrics |= adv_metrics | step_metrics(col, scored, correct_B, rs) | {
         f"train/{k}": float(v) for k, v in train_metrics.items()}
-    metrics |= {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/prep_s": t3 - t2, "time/train_s": t5 - t4,
-                "time/step_s": time.perf_counter() - t0, "throughput/rollout_tok_s": col.lengths_B.sum() / (t1 - t0),
-                "throughput/train_tok_s": float(to_host(batch.attn_mask_BxS.sum())) / (t5 - t4)}
-    return rs, metrics | (device_memory() if run.cfg.train.log_memory else {})
+    times = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "prep_s": t3 - t2, "train_s": t5 - t4}
+    metrics |= {f"time/{k}": v for k, v in times.items()} | {"time/step_s": time.perf_counter() - t0}
+    return rs, metrics | throughput(run, col, batch, times) | (device_memory() if run.cfg.train.log_memory else {})
+
+
+def throughput(run: Run, col: Collected, batch: Batch, times: dict[str, float]) -> dict[str, float]:
+    """Tokens/s of the rollout and the update; each phase's model FLOP/s and MFU (``grpo_jax.perf``)."""
+    tokens = float(to_host(batch.attn_mask_BxS.sum()))
+    cfg = run.cfg
+    return {"throughput/rollout_tok_s": col.lengths_B.sum() / times["rollout_s"],
+            "throughput/train_tok_s": tokens / times["train_s"]} | step_throughput(
+        run.model_config, times,
+        prompt_len=col.rollout.prompt_BxP.shape[1], new_tokens_B=col.lengths_B, seq_tokens=tokens,
+        seq_len=batch.tokens_BxS.shape[1], updates=cfg.train.num_iterations, reference=run.algorithm.needs_reference)
 
 
 def record(run: Run, rs: RunState, done: int, metrics: dict, summary: dict) -> bool:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 from grpo_jax.models import ModelConfig
 
@@ -91,4 +92,32 @@ def compare(ours: list[float], theirs: list[float], work: float, unit: str = "to
     for side in ("ours", "theirs"):
         print(f"{side:>6}: {out[side]['best']:12,.0f} {unit} (best run)  {out[side]['median']:12,.0f} {unit} (median)")
     print(f"ratio ours/theirs (median): {out['ratio_median']:.2f}x")
+    return out
+
+
+def step_throughput(cfg: ModelConfig, times: dict[str, float], *, prompt_len: int, new_tokens_B, seq_tokens: float,
+                    seq_len: int, updates: int, reference: bool) -> dict[str, float]:
+    """Per-phase model FLOP/s of one RL step (and MFU where the device's peak is known), from the architecture:
+
+    rollout  = prefill (every row's prompt, causal: mean context P/2) + each sampled token at its mean context
+               P + n/2 (n = the row's new tokens), forward only;
+    prep     = the reference forward of the batch's real tokens (``reference``), mean context S/2;
+    update   = ``updates`` x forward + backward (3x) of the batch's real tokens, mean context S/2.
+    ``times``: ``rollout_s``, ``prep_s``, ``train_s`` (wall seconds). Keys: ``throughput/{phase}_tflops`` and, with
+    a known peak, ``mfu/{phase}`` (a fraction of one device's peak times the device count).
+    """
+    new_B = np.asarray(new_tokens_B, np.float64)
+    per_key = forward_flops_per_token(cfg, 1) - forward_flops_per_token(cfg, 0)  # attention FLOPs per context key
+    rollout = (len(new_B) * prompt_len * forward_flops_per_token(cfg, prompt_len / 2)
+               + float(np.sum(new_B * (forward_flops_per_token(cfg, 0) + per_key * (prompt_len + new_B / 2)))))
+    flops = {"rollout": rollout, "update": updates * seq_tokens * train_flops_per_token(cfg, seq_len)}
+    if reference:
+        flops["prep"] = seq_tokens * forward_flops_per_token(cfg, seq_len / 2)
+    peak = device_peaks()[0]
+    out = {}
+    for phase, f in flops.items():
+        seconds = times[f"{phase if phase != 'update' else 'train'}_s"]
+        out[f"throughput/{phase}_tflops"] = f / seconds / 1e12
+        if peak is not None:
+            out[f"mfu/{phase}"] = f / seconds / (peak * jax.device_count())
     return out

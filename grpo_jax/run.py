@@ -15,9 +15,11 @@ from grpo_jax.algorithms import Algorithm, build_algorithm
 from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, start_over
 from grpo_jax.critic import value_fn
 from grpo_jax.data import OrderState, build_splits
+from grpo_jax.evaluation import encode_prompts
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import GroupHistory
 from grpo_jax.mesh import batch_size_multiple
+from grpo_jax.models import ModelConfig
 from grpo_jax.multihost import is_primary, sync
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardPool, resolve_rewards
@@ -45,6 +47,8 @@ class Run:
     key: jax.Array  # per-step rollout keys are fold_in(key, step)
     eval_key: jax.Array
     eos_ids: list[int]
+    model_config: ModelConfig
+    prompt_bucket: int  # generate's min_prompt_bucket (rollout.fixed_prompt_len: the longest training prompt)
     writer: MetricsWriter | None = None
     preemption: PreemptionWatch | None = None
 
@@ -56,6 +60,14 @@ class Run:
         for part in (self.preemption, self.writer, self.ckpt, self.pool):
             if part is not None:
                 part.close()
+
+
+def prompt_bucket(cfg: ExperimentConfig, tokenizer, train_rows: list[dict]) -> int:
+    """The smallest prompt length ``generate`` pads to: ``rollout.min_prompt_bucket``, or with
+    ``rollout.fixed_prompt_len`` at least the longest training prompt (so every step has the same shape)."""
+    if not cfg.rollout.fixed_prompt_len or not train_rows:
+        return cfg.rollout.min_prompt_bucket
+    return max(cfg.rollout.min_prompt_bucket, *map(len, encode_prompts(tokenizer, train_rows)))
 
 
 def validate(cfg: ExperimentConfig, mesh) -> None:
@@ -119,7 +131,8 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
               critic_values=value_fn(graphdef) if algorithm.needs_values else None,
               ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save),
-              key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
+              key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id],
+              model_config=policy.config, prompt_bucket=prompt_bucket(cfg, tokenizer, splits.train))
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
                   history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,

@@ -29,7 +29,8 @@ def compile_count() -> int:
     return _COMPILES[0]
 
 
-TIMING_KEYS = ("time/", "throughput/", "compiles", "memory/")  # metrics that legitimately differ between identical runs
+# metrics that legitimately differ between identical runs
+TIMING_KEYS = ("time/", "throughput/", "mfu/", "compiles", "memory/")
 
 
 def compiled_stats(jitted, *args, name: str) -> dict[str, float]:

@@ -67,21 +67,26 @@ def test_sigterm_saves_and_exits_143(tmp_path, cache):
     assert saved >= 2 and (run_dir / "checkpoints" / str(saved)).exists()
 
 
-def test_compilations_stop_growing_with_varying_prompt_lengths(tmp_path):
-    # gsm8k-format local file with questions from 5 to ~90 characters: prompts fall into several length buckets
+def varying_prompts_run(tmp_path, steps: int, **rollout) -> list[dict]:
+    """A run on a gsm8k-format local file with questions from 5 to ~90 characters (several length buckets)."""
     rng = np.random.default_rng(0)
     rows = [{"question": "x" * int(n), "answer": f"#### {i}"} for i, n in enumerate(rng.integers(5, 90, 64))]
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tiny_experiment(data={"task": "gsm8k", "source": str(data), "held_out_fraction": 0.0},
-                          train={"steps": 12, "batch_prompts": 2}, checkpoint={"every": 100})
+                          train={"steps": steps, "batch_prompts": 2}, checkpoint={"every": 100})
     cfg["data"].pop("difficulty"), cfg["data"].pop("num_examples")
+    cfg["rollout"] |= rollout
     from grpo_jax.config import from_dict
     from grpo_jax.experiment import ExperimentConfig
     from grpo_jax.loop import train
 
     train(from_dict(ExperimentConfig, cfg), tmp_path / "run", show_progress=False)
-    rows = metrics(tmp_path / "run")[1:]
+    return metrics(tmp_path / "run")[1:]
+
+
+def test_compilations_stop_growing_with_varying_prompt_lengths(tmp_path):
+    rows = varying_prompts_run(tmp_path, 12)
     seen, before = set(), rows[0]["compiles"]
     for r in rows:
         new_bucket = r["shape/prompt_len"] not in seen
@@ -90,6 +95,16 @@ def test_compilations_stop_growing_with_varying_prompt_lengths(tmp_path):
             assert r["compiles"] == before, f"step {r['step']} recompiled for an already seen bucket"
         before = r["compiles"]
     assert len(seen) >= 2  # the test really exercised several buckets
+
+
+def test_fixed_prompt_len_never_recompiles_after_the_first_step(tmp_path):
+    """rollout.fixed_prompt_len: 30 steps over prompts of 5-90 tokens, one shape, no compilation after step 1;
+    every step logs its phase times and FLOP rates."""
+    rows = varying_prompts_run(tmp_path, 30, fixed_prompt_len=True)
+    assert len(rows) == 30 and {r["shape/prompt_len"] for r in rows} == {96}  # bucket(longest prompt, 89 chars)
+    assert [r["compiles"] for r in rows] == [rows[0]["compiles"]] * 30
+    for key in ("time/rollout_s", "time/train_s", "throughput/rollout_tflops", "throughput/update_tflops"):
+        assert all(r[key] > 0 for r in rows), key
 
 
 @pytest.mark.parametrize(
