@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax.losses import merge_stats
 from grpo_jax.losses.terms import safe_divide
+from grpo_jax.models.packed import Plan
 
 Stats = dict[str, dict[str, jax.Array]]  # stats groups of an objective, each merged with ``merge_stats``
 
@@ -60,6 +61,7 @@ class Batch(struct.PyTreeNode):
     old_values_BxS: jax.Array | None = None  # critic algorithms: rollout-time values
     returns_BxS: jax.Array | None = None  # critic algorithms: value targets
     rewards_B: jax.Array | None = None  # paired algorithms: sequence rewards that rank each group's pair
+    plan: Plan | None = None  # train.layout packed / shared_prompt: the rows the forward runs (grpo_jax.layout)
 
 
 class Objective(Protocol):
@@ -84,6 +86,11 @@ def _micro(x: jax.Array | None, m: int) -> jax.Array | None:
 def _micro_contiguous(x: jax.Array | None, m: int) -> jax.Array | None:
     """[B, ...] -> [m, B/m, ...], micro-batch k = rows k·B/m ... (k+1)·B/m - 1 (whole groups, for online pairs)."""
     return None if x is None else x.reshape((m, x.shape[0] // m) + x.shape[1:])
+
+
+def contiguous_split(objective: Objective, cfg: StepConfig) -> bool:
+    """Whether the step's micro-batches are contiguous rows (whole groups) rather than strided ones."""
+    return objective.contiguous or cfg.grad_variance
 
 
 def _merge(a: Stats, b: Stats) -> Stats:
@@ -154,7 +161,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         grad_var = (1/(K-1)) Σ_k ||e_k - g||²  =  (K² Σ_k ||g_k||² - K ||g||²) / (K-1),
         grad_rel_var = grad_var / ||g||²
     """
-    split = _micro_contiguous if objective.contiguous or cfg.grad_variance else _micro
+    split = _micro_contiguous if contiguous_split(objective, cfg) else _micro
     loss_fn = functools.partial(_micro_loss, graphdef=graphdef, objective=objective, cfg=cfg)
     grads_fn = functools.partial(_gradients, loss_fn=loss_fn, split=split, cfg=cfg)
 

@@ -29,6 +29,7 @@ from grpo_jax.advantages import RunningMoments, compute_advantages, compute_adva
 from grpo_jax.algorithms.config import AlgoConfig
 from grpo_jax.losses import LossConfig, aggregate_parts
 from grpo_jax.models import token_logprobs
+from grpo_jax.models.packed import plan_logprobs
 from grpo_jax.rollout import Rollout
 from grpo_jax.train_step import Batch
 
@@ -99,6 +100,7 @@ class Algorithm(abc.ABC):
 
     kind: ClassVar[str]
     contiguous: ClassVar[bool] = False  # micro-batches hold whole groups (pairs are formed inside a micro-batch)
+    packs: ClassVar[bool] = True  # ``forward`` follows a batch's plan (train.layout packed / shared_prompt)
     needs_values: ClassVar[bool] = False
 
     algo: AlgoConfig
@@ -161,7 +163,11 @@ class Algorithm(abc.ABC):
 
     # -- objective ------------------------------------------------------------------------------------------------
     def forward(self, model, mb: Batch, *, temperature: float, chunk_size: int, with_entropy: bool):
-        """(logp_BxS, entropy_BxS or None, values_BxS or None) from one decoder pass."""
+        """(logp_BxS, entropy_BxS or None, values_BxS or None) from one decoder pass: over the padded rows, or
+        over the packed rows of ``mb.plan`` (then 0 at the slots outside the loss mask)."""
+        if mb.plan is not None:
+            return plan_logprobs(model, mb.plan, temperature=temperature, return_entropy=with_entropy,
+                                 chunk_size=chunk_size) + (None,)
         out = token_logprobs(model, mb.tokens_BxS, mb.attn_mask_BxS, temperature=temperature,
                              return_entropy=with_entropy, chunk_size=chunk_size)
         return (out if with_entropy else (out, None)) + (None,)

@@ -28,6 +28,7 @@ def _gae(rewards_B, values_BxS, mask_BxS, cfg: PPOConfig):
 class PPO(Algorithm):
     kind = "ppo"
     needs_values = True
+    packs = False  # the value head reads the padded rows' hidden states (``logprobs_and_values``)
 
     def prepare_policy(self, policy, mesh):
         return add_value_head(policy, mesh)

@@ -62,14 +62,28 @@ def token_logprobs(
 def logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, w_ExV, *, temperature, return_entropy, chunk_size):
     """``token_logprobs`` from the decoder's final hidden states and the output projection ``w_ExV`` (so a caller
     that also needs the hidden states, e.g. a value head, runs the decoder once)."""
-    B, T = tokens_BxT.shape
-    n = T - 1
+    out = gathered_logprobs(hidden_BxTxE[:, :-1], tokens_BxT[:, 1:], w_ExV, temperature=temperature,
+                            return_entropy=return_entropy, chunk_size=chunk_size)
+    valid_BxT = jnp.pad(mask_BxT[:, 1:] & mask_BxT[:, :-1], ((0, 0), (1, 0)))
+
+    def unshift(x_BxN):
+        return jnp.where(valid_BxT, jnp.pad(x_BxN, ((0, 0), (1, 0))), 0.0)
+
+    return (unshift(out[0]), unshift(out[1])) if return_entropy else unshift(out[0])
+
+
+def gathered_logprobs(h_BxNxE, targets_BxN, w_ExV, *, temperature, return_entropy, chunk_size):
+    """``(logps_BxN, entropy_BxN or None)``, float32: log softmax(h[b, n] @ w / temperature)[targets[b, n]] and that
+    distribution's entropy, for N hidden states per row (each the predecessor of its target token). The vocab
+    projection runs over ceil(N / chunk_size) chunks under ``jax.lax.map``, each rematerialised in the backward pass,
+    so one chunk's float32 logits [B, chunk_size, V] are live at a time."""
+    B, n = targets_BxN.shape
     chunk = min(chunk_size, max(n, 1))
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
-    h_NxBxCxE = jnp.pad(hidden_BxTxE[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    h_NxBxCxE = jnp.pad(h_BxNxE, ((0, 0), (0, pad), (0, 0)))
     h_NxBxCxE = h_NxBxCxE.reshape(B, n_chunks, chunk, -1).transpose(1, 0, 2, 3)
-    targets_NxBxC = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).transpose(1, 0, 2)
+    targets_NxBxC = jnp.pad(targets_BxN, ((0, 0), (0, pad))).reshape(B, n_chunks, chunk).transpose(1, 0, 2)
     inv_temperature = 1.0 / jnp.asarray(temperature, jnp.float32)
 
     @jax.checkpoint
@@ -77,11 +91,8 @@ def logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, w_ExV, *, temperatu
         return _chunk_stats(*xs, w_ExV, inv_temperature, return_entropy)
 
     logps_NxBxC, entropy_NxBxC = jax.lax.map(stats, (h_NxBxCxE, targets_NxBxC))
-    valid_BxT = jnp.pad(mask_BxT[:, 1:] & mask_BxT[:, :-1], ((0, 0), (1, 0)))
 
     def unchunk(x_NxBxC):
-        x_BxT = jnp.pad(x_NxBxC.transpose(1, 0, 2).reshape(B, n_chunks * chunk)[:, :n], ((0, 0), (1, 0)))
-        return jnp.where(valid_BxT, x_BxT, 0.0)
+        return x_NxBxC.transpose(1, 0, 2).reshape(B, n_chunks * chunk)[:, :n]
 
-    logps_BxT = unchunk(logps_NxBxC)
-    return (logps_BxT, unchunk(entropy_NxBxC)) if return_entropy else logps_BxT
+    return unchunk(logps_NxBxC), None if entropy_NxBxC is None else unchunk(entropy_NxBxC)

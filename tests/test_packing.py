@@ -1,0 +1,143 @@
+"""Packed and shared-prompt update layouts (grpo_jax.layout, grpo_jax.models.packed): a hand-made plan, and
+log-probs, gradients and a short training run equal to the padded computation on an 8-device mesh."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from grpo_jax.algorithms import make_algorithm
+from grpo_jax.layout import Layout, bucket, with_plan
+from grpo_jax.losses import LossConfig
+from grpo_jax.mesh import make_mesh, shard_batch, shard_model
+from grpo_jax.models import ModelConfig, build_model, token_logprobs
+from grpo_jax.models.packed import plan_logprobs
+from grpo_jax.train_step import Batch, StepConfig, init_train_state, make_train_step, state_sharding
+
+G, PROMPTS, P, T = 4, 8, 7, 6  # 32 rows: 2 micro-batches x 4 blocks (data 2 x fsdp 2) of 4 rows
+TOL = 1e-5
+
+
+def tiny_model(mesh=None):
+    cfg = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    return nnx.split(model if mesh is None else shard_model(model, mesh))
+
+
+def grouped_batch(seed=0) -> Batch:
+    """PROMPTS groups of G rows: each group's prompt left-padded to P (lengths 1..P), completions right-padded to T
+    with lengths 0..T; some groups' completions start with the same tokens (a shared prefix past the prompt)."""
+    rng = np.random.default_rng(seed)
+    B, S = G * PROMPTS, P + T
+    tokens, attn = np.zeros((B, S), np.int32), np.zeros((B, S), bool)
+    comp_len = rng.integers(0, T + 1, B)
+    comp_len[0] = T
+    for g in range(PROMPTS):
+        n = 1 + g % P
+        prompt, common = rng.integers(3, 64, n), rng.integers(3, 64, g % 3)
+        for i in range(g * G, (g + 1) * G):
+            c = rng.integers(3, 64, T)
+            c[:len(common)] = common
+            tokens[i, P - n:P], tokens[i, P:P + comp_len[i]] = prompt, c[:comp_len[i]]
+            attn[i, P - n:P + comp_len[i]] = True
+    loss_mask = attn & (np.arange(S) >= P)[None]
+    old = np.where(loss_mask, np.log(rng.uniform(0.01, 0.2, (B, S))), 0).astype(np.float32)
+    ref = np.where(loss_mask, old + rng.normal(0, 0.1, (B, S)), 0).astype(np.float32)
+    return Batch(tokens_BxS=jnp.asarray(tokens), attn_mask_BxS=jnp.asarray(attn), loss_mask_BxS=jnp.asarray(loss_mask),
+                 old_logp_BxS=jnp.asarray(old), ref_logp_BxS=jnp.asarray(ref),
+                 adv=jnp.asarray(rng.normal(0, 1, B), jnp.float32))
+
+
+def test_bucket():
+    assert [bucket(n) for n in (0, 1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 100)] == [1, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 128]
+
+
+def test_shared_prompt_plan_of_a_hand_made_batch():
+    # group 1: rows 0, 1 = prompt [5, 6] + [7, 8] / [7, 9, 4]: shared prefix [5, 6, 7], branches [8] and [9, 4]
+    # group 2: rows 2, 3 = prompt [3] + [2] / [5, 6]: shared prefix [3], branches [2] and [5, 6]
+    tokens = np.array([[0, 5, 6, 7, 8, 0], [0, 5, 6, 7, 9, 4], [0, 0, 3, 2, 0, 0], [0, 0, 3, 5, 6, 0]])
+    plan = Layout(kind="shared_prompt", group_size=2, row_multiple=8).plan(tokens, tokens > 0, tokens > 0)
+    # longest segment 6 -> L = 8; first-fit decreasing: segment 1 (6 tokens) row 0, segment 2 (4) does not fit the
+    # 2 free tokens of row 0 -> row 1; R = bucket(2) = 2
+    np.testing.assert_array_equal(plan.tokens_XxRxL[0], [[5, 6, 7, 8, 9, 4, 0, 0], [3, 2, 5, 6, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(plan.positions_XxRxL[0], [[0, 1, 2, 3, 3, 4, 0, 0], [0, 1, 1, 2, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(plan.branch_XxRxL[0], [[0, 0, 0, 1, 2, 2, 0, 0], [0, 1, 2, 2, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(plan.segment_XxRxL[0], [[1] * 6 + [0] * 2, [1] * 4 + [0] * 4])
+    # targets (source = flat r * 8 + l, token): 6 and 7 inside the prefix once for both rows; 8 and 9 after the
+    # prefix's last token (l 2); 4 after 9 (l 4); row 2's 2 and row 3's 5 after [3] (8 + 0); row 3's 6 after 5 (8 + 2)
+    np.testing.assert_array_equal(plan.source_XxN[0], [0, 1, 2, 2, 4, 8, 8, 10])
+    np.testing.assert_array_equal(plan.target_XxN[0], [6, 7, 8, 9, 4, 2, 5, 6])
+    none = 8  # N = bucket(8) targets; slot N reads 0
+    np.testing.assert_array_equal(plan.slot_BxS, [[none, none, 0, 1, 2, none], [none, none, 0, 1, 3, 4],
+                                                  [none, none, none, 5, none, none], [none, none, none, 6, 7, none]])
+    packed = Layout(kind="packed", row_multiple=8).plan(tokens, tokens > 0, tokens > 0)
+    # one segment per row, lengths 4, 5, 2, 3; first-fit decreasing: 5 -> row 0, 4 -> row 1, 3 -> row 0, 2 -> row 1
+    np.testing.assert_array_equal(packed.tokens_XxRxL[0], [[5, 6, 7, 9, 4, 3, 5, 6], [5, 6, 7, 8, 3, 2, 0, 0]])
+    np.testing.assert_array_equal(packed.segment_XxRxL[0], [[1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2])
+    np.testing.assert_array_equal(packed.positions_XxRxL[0], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]])
+
+
+def test_blocks_follow_the_micro_batch_split():
+    assert Layout(kind="packed", micro_batches=2, blocks=2).block_rows(8) == [[[0, 2], [4, 6]], [[1, 3], [5, 7]]]
+    assert Layout(kind="packed", micro_batches=2, blocks=2, contiguous=True).block_rows(8) == [
+        [[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    with pytest.raises(ValueError, match="does not split into micro_batches=2 x blocks=4"):
+        Layout(kind="packed", micro_batches=2, blocks=4).block_rows(12)
+
+
+@pytest.mark.parametrize("kind", ["packed", "shared_prompt"])
+def test_logprobs_and_entropy_equal_the_padded_rows_on_8_devices(kind):
+    mesh = make_mesh(8)
+    graphdef, params = tiny_model(mesh)
+    b = shard_batch(grouped_batch(), mesh)
+    plan = shard_batch(Layout(kind=kind, group_size=G, blocks=8).plan(b.tokens_BxS, b.attn_mask_BxS,
+                                                                      b.attn_mask_BxS), mesh)
+
+    @jax.jit
+    def both(params, b, plan):
+        model = nnx.merge(graphdef, params)
+        padded = token_logprobs(model, b.tokens_BxS, b.attn_mask_BxS, return_entropy=True, chunk_size=8)
+        return padded, plan_logprobs(model, plan, temperature=1.0, return_entropy=True, chunk_size=8)
+
+    (logp, ent), (logp_p, ent_p) = both(params, b, plan)
+    assert float(jnp.abs(logp).min()) == 0.0 and float(jnp.abs(logp).max()) > 1.0
+    np.testing.assert_allclose(logp_p, logp, atol=TOL)
+    np.testing.assert_allclose(ent_p, ent, atol=TOL)
+    assert logp_p.sharding.spec == logp.sharding.spec and not logp_p.sharding.is_fully_replicated
+
+
+def update(mesh, step_cfg, b, layout=None):
+    """(metrics, -grad) of one GRPO step (SGD, lr 1) on ``mesh``, through ``layout``'s plan when given."""
+    graphdef, params = tiny_model(mesh)
+    opt = optax.sgd(1.0)
+    state = init_train_state(params, opt)
+    start = jax.tree.map(np.asarray, params)
+    step = make_train_step(graphdef, opt, step_cfg, make_algorithm("grpo", loss=LossConfig(beta=0.04)),
+                           state_sharding=state_sharding(state))
+    b = shard_batch(b, mesh)
+    state, metrics = step(state, b if layout is None else with_plan(b, layout, mesh))
+    return metrics, jax.tree.map(lambda a, c: np.asarray(a) - c, state.params, start)
+
+
+@pytest.mark.parametrize("kind, micro, contiguous", [("packed", 2, False), ("shared_prompt", 2, False),
+                                                     ("shared_prompt", 1, False), ("shared_prompt", 2, True)])
+def test_update_equals_the_padded_update_on_8_devices(kind, micro, contiguous):
+    """Gradients (SGD deltas) and metrics of a GRPO step with β·KL, 2 iterations (ratios != 1), on a data 2 x
+    fsdp 2 x tensor 2 mesh, against the padded layout's full-batch step; contiguous micro-batches via
+    grad_variance."""
+    mesh = make_mesh(2, 2, 2)
+    b = grouped_batch()
+    base = StepConfig(num_iterations=2, logprob_chunk=8)
+    m_pad, g_pad = update(mesh, base, b)
+    step_cfg = dataclasses.replace(base, micro_batches=micro, grad_variance=contiguous)
+    layout = Layout(kind=kind, group_size=G, micro_batches=micro, contiguous=contiguous, blocks=4)
+    m_new, g_new = update(mesh, step_cfg, b, layout)
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g_pad)) > 1e-3
+    for a, c in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_pad)):
+        np.testing.assert_allclose(a, c, atol=TOL)
+    for k in ("loss", "kl", "clip_frac", "ratio_mean", "entropy", "grad_norm"):
+        np.testing.assert_allclose(m_new[k], m_pad[k], rtol=TOL, atol=TOL, err_msg=k)
