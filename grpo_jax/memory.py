@@ -40,9 +40,10 @@ Then one phase at a time; the peak is resident + the largest phase:
              scan over the second has one step, XLA inlines it and the two overlap), and the larger of
              a layer's backward: its values (recomputed under remat), the MLP-stage cotangents b*S*cb*(2*Ft + E),
                and with fsdp > 1 its weights gathered and their gradient (2 x layer params / t x pb);
-             the head's backward, one chunk: three float32 [b, C, Vt] (logits, their gradient and its transposed copy
-               for the weight gradient -- never [B, S, V], see models/logprobs.py), the hidden states and their chunked
-               copy 2*b*S*E*cb, the head [E, Vt] in cb and a second copy of its gradient in pb.
+             the head's backward, one chunk: two float32 [b, C, Vt] (logits and their gradient; the head is one 2-D
+               matmul [b*C, E] @ [E, Vt], whose weight gradient needs no transposed copy -- never [B, S, V], see
+               models/logprobs.py), the hidden states and their chunked copy 2*b*S*E*cb, the head [E, Vt] in cb and a
+               second copy of its gradient in pb.
   values(T, keys) per row = T*(Nt*keys*(9 + cb) + cb*(6*Ft + 2*Nt*H + 2*Kt*H + 5*E) + [cb < 4]*8*E): what JAX saves
              of a layer for its backward (``jax.ad_checkpoint.print_saved_residuals``): the masked float32 scores and
              their exp, the probabilities in cb and the bool mask [Nt, T, keys] (no flash attention); six F-vectors;
@@ -198,7 +199,7 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     overlap = 2 if micro_batches == 2 else 1  # the single-step scan over the second micro-batch is inlined
     saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, S))
     layer = b * S * cb * (2 * Ft + E) + (b * values(S, S) if cfg.remat else 0) + 2 * gathered
-    head = b * (3 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb)
+    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb)
     return MemoryEstimate(
         params=params, optimizer=2 * params, reference=params if beta > 0 else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
