@@ -18,6 +18,7 @@ from grpo_jax.algorithms import AlgoConfig, algorithm_class
 from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
 from grpo_jax.group_size import DynamicGroupConfig
+from grpo_jax.layout import LayoutKind
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
 from grpo_jax.optim import OptimConfig
@@ -136,6 +137,7 @@ class TrainSection:
     logprob_chunk: int = 128
     grad_variance: bool = False  # log train/grad_var, train/grad_rel_var over the micro-batches (whole prompts)
     log_memory: bool = False  # memory/*: XLA's analysis of the compiled train step (first step), device peak (GPU/TPU)
+    layout: LayoutKind = "padded"  # the update's rows: padded, packed (no padding) or shared_prompt (grpo_jax.layout)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_prompts < 1 or self.num_iterations < 1 or self.micro_batches < 1:
@@ -198,6 +200,9 @@ class ExperimentConfig:
 
     def __post_init__(self):
         algorithm_class(self.algo.kind).check_config(self)  # each kind's own rules
+        if self.train.layout != "padded" and not algorithm_class(self.algo.kind).packs:
+            raise ValueError(f"train.layout={self.train.layout!r} is not implemented for algo.kind="
+                             f"{self.algo.kind!r} (its forward reads the padded rows); use train.layout=padded")
         G = self.rollout.group_size
         names = [f.name for f in self.rewards.fns]
         if self.eval.correct_reward is not None and self.eval.correct_reward not in names:

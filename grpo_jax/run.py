@@ -18,6 +18,7 @@ from grpo_jax.data import OrderState, build_splits
 from grpo_jax.evaluation import encode_prompts
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import GroupHistory
+from grpo_jax.layout import Layout, planned_step
 from grpo_jax.mesh import batch_size_multiple
 from grpo_jax.models import ModelConfig
 from grpo_jax.multihost import is_primary, sync
@@ -26,7 +27,7 @@ from grpo_jax.rewards import RewardPool, resolve_rewards
 from grpo_jax.run_setup import build_policy, load_reference, load_tokenizer, logprob_fn, warm_start
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import MetricsWriter, compiled_stats, tree_bytes
-from grpo_jax.train_step import StepConfig, init_train_state, make_train_step, state_sharding
+from grpo_jax.train_step import StepConfig, contiguous_split, init_train_state, make_train_step, state_sharding
 
 
 @dataclasses.dataclass
@@ -92,14 +93,20 @@ def write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
         path.write_text(text)
 
 
-def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params):
-    """(initial TrainState, jitted train step) of the algorithm's objective."""
+def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
+    """(initial TrainState, jitted train step of the algorithm's objective, its ``train.layout`` or None when
+    padded). A packed layout's step plans each batch's rows on the host (``grpo_jax.layout.planned_step``)."""
     optimizer = make_optimizer(cfg.optim, cfg.train.steps * cfg.train.num_iterations)
     step_cfg = StepConfig(num_iterations=cfg.train.num_iterations, micro_batches=cfg.train.micro_batches,
                           temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
                           log_entropy=cfg.train.log_entropy, grad_variance=cfg.train.grad_variance)
     state = init_train_state(params, optimizer)
-    return state, make_train_step(graphdef, optimizer, step_cfg, algorithm, state_sharding=state_sharding(state))
+    step = make_train_step(graphdef, optimizer, step_cfg, algorithm, state_sharding=state_sharding(state))
+    if cfg.train.layout == "padded":
+        return state, step, None
+    layout = Layout(kind=cfg.train.layout, group_size=cfg.rollout.group_size, micro_batches=step_cfg.micro_batches,
+                    contiguous=contiguous_split(algorithm, step_cfg), blocks=batch_size_multiple(mesh))
+    return state, planned_step(step, layout, mesh), layout
 
 
 def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple[Run, RunState, int]:
@@ -121,13 +128,13 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     graphdef, params = nnx.split(algorithm.prepare_policy(policy, mesh))
     ref_graphdef, ref_params = (load_reference(cfg, (graphdef, params), mesh) if algorithm.needs_reference
                                 else (graphdef, None))
-    state, train_step = _step(cfg, algorithm, graphdef, params)
+    state, train_step, layout = _step(cfg, algorithm, graphdef, params, mesh)
     key, eval_key = jax.random.split(jax.random.key(cfg.seed))
     run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, tokenizer=tokenizer, splits=splits, terms=terms,
               pool=RewardPool(cfg.rewards.num_workers) if any(t.reward.isolated for t in terms) else None,
               graphdef=graphdef, algorithm=algorithm, train_step=train_step,
               ref_logprobs=logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk,
-                                      cfg.train.micro_batches),
+                                      cfg.train.micro_batches, layout, mesh),
               critic_values=value_fn(graphdef) if algorithm.needs_values else None,
               ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save),

@@ -12,8 +12,10 @@ from flax import nnx
 from grpo_jax import storage
 from grpo_jax.config import ConfigError
 from grpo_jax.experiment import ExperimentConfig, ModelSection
+from grpo_jax.layout import Layout, planned_logprobs
 from grpo_jax.mesh import shard_model
 from grpo_jax.models import CausalLM, build_model, load_hf, save_hf, token_logprobs
+from grpo_jax.models.packed import plan_logprobs
 from grpo_jax.multihost import is_primary, sync, to_host
 
 log = logging.getLogger(__name__)
@@ -96,22 +98,28 @@ def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State]
     return nnx.split(_load(cfg.model.ref_path, cfg, mesh))
 
 
-def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int, micro_batches: int = 1):
+def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int, micro_batches: int = 1,
+               layout: Layout | None = None, mesh=None):
     """Jitted ``(params, tokens_BxS, mask_BxS) -> logps_BxS`` for a frozen model (the reference), computed one
     micro-batch at a time (rows k, k+m, k+2m, ... as in the train step), so its activations are those of a
-    micro-batch, not of the whole batch."""
+    micro-batch, not of the whole batch. With a ``layout`` (packed / shared_prompt) each call plans its rows on the
+    host (``grpo_jax.layout.planned_logprobs``; the layout's micro-batches are strided here)."""
 
-    def one(params, tokens_BxS, mask_BxS):
+    def one(params, tokens_BxS, mask_BxS, plan):
         model = nnx.merge(graphdef, params)
+        if plan is not None:
+            return plan_logprobs(model, plan, temperature=temperature, return_entropy=False, chunk_size=chunk_size)[0]
         return token_logprobs(model, tokens_BxS, mask_BxS, temperature=temperature, chunk_size=chunk_size)
 
     @jax.jit
-    def fn(params, tokens_BxS, mask_BxS):
+    def fn(params, tokens_BxS, mask_BxS, plan=None):
         B, S = tokens_BxS.shape
         if micro_batches == 1:
-            return one(params, tokens_BxS, mask_BxS)
-        split = lambda x: x.reshape(B // micro_batches, micro_batches, S).swapaxes(0, 1)  # noqa: E731
-        logps = jax.lax.map(lambda xs: one(params, *xs), (split(tokens_BxS), split(mask_BxS)))
+            return one(params, tokens_BxS, mask_BxS, plan)
+        split = lambda x: x.reshape((x.shape[0] // micro_batches, micro_batches) + x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+        logps = jax.lax.map(lambda xs: one(params, *xs), jax.tree.map(split, (tokens_BxS, mask_BxS, plan)))
         return logps.swapaxes(0, 1).reshape(B, S)
 
-    return fn
+    if layout is None:
+        return fn
+    return planned_logprobs(fn, dataclasses.replace(layout, contiguous=False), mesh)

@@ -141,3 +141,60 @@ def test_update_equals_the_padded_update_on_8_devices(kind, micro, contiguous):
         np.testing.assert_allclose(a, c, atol=TOL)
     for k in ("loss", "kl", "clip_frac", "ratio_mean", "entropy", "grad_norm"):
         np.testing.assert_allclose(m_new[k], m_pad[k], rtol=TOL, atol=TOL, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", ["packed", "shared_prompt"])
+def test_reference_pass_through_a_layout_equals_the_padded_one(kind):
+    from grpo_jax.run_setup import logprob_fn
+
+    mesh = make_mesh(8)
+    graphdef, params = tiny_model(mesh)
+    b = shard_batch(grouped_batch(), mesh)
+    padded = logprob_fn(graphdef, 1.0, 8)(params, b.tokens_BxS, b.attn_mask_BxS)
+    layout = Layout(kind=kind, group_size=G, micro_batches=2, contiguous=True, blocks=8)  # the pass splits strided
+    packed = logprob_fn(graphdef, 1.0, 8, 2, layout, mesh)(params, b.tokens_BxS, b.attn_mask_BxS)
+    np.testing.assert_allclose(packed, padded, atol=TOL)
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"layout": "tight"}},
+     "train.layout: 'tight' is not allowed; choose one of ['padded', 'packed', 'shared_prompt']"),
+    ({"algo": {"kind": "ppo"}}, "train.layout='packed' is not implemented for algo.kind='ppo'"),
+])
+def test_bad_layout_config_is_one_line(sections, message):
+    from grpo_jax.config import from_dict
+    from grpo_jax.experiment import ExperimentConfig
+
+    from loop_helpers import tiny_experiment
+
+    cfg = tiny_experiment(train={"steps": 1, "batch_prompts": 4, "layout": "packed"})
+    cfg["train"] |= sections.get("train", {})
+    cfg["algo"] = sections.get("algo", cfg["algo"])
+    with pytest.raises(ValueError) as err:
+        from_dict(ExperimentConfig, cfg)
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_train_runs_of_each_layout_log_the_padded_metrics(tmp_path):
+    """Two steps of ``loop.train`` (β·KL with its reference pass, 2 micro-batches, data 2 x fsdp 2 x tensor 2) per
+    layout: the same samples and the same update metrics as the padded layout."""
+    from grpo_jax.config import from_dict
+    from grpo_jax.experiment import ExperimentConfig
+    from grpo_jax.loop import train
+
+    from loop_helpers import metrics, tiny_experiment
+
+    rows = {}
+    for layout in ("padded", "packed", "shared_prompt"):
+        cfg = tiny_experiment(train={"steps": 2, "batch_prompts": 8, "micro_batches": 2, "layout": layout},
+                              eval={"num_examples": 0}, mesh={"data": 2, "fsdp": 2, "tensor": 2},
+                              rewards={"fns": [{"name": "loop_helpers:length_reward"}], "num_workers": 1})
+        train(from_dict(ExperimentConfig, cfg), tmp_path / layout, show_progress=False)
+        rows[layout] = [r for r in metrics(tmp_path / layout) if "train/loss" in r]
+    assert len(rows["padded"]) == 2 and rows["padded"][-1]["train/grad_norm"] > 0
+    for layout in ("packed", "shared_prompt"):
+        for new, pad in zip(rows[layout], rows["padded"]):
+            assert new["length/mean"] == pad["length/mean"]  # same samples
+            for key in ("train/loss", "train/kl", "train/grad_norm", "train/entropy", "reward/total/mean"):
+                assert abs(new[key] - pad[key]) <= 1e-5 * max(1.0, abs(pad[key])), (layout, key, new[key], pad[key])
