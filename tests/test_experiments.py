@@ -69,10 +69,12 @@ def test_countdown_r1_runs_a_few_grpo_steps(tmp_path):
 
 @pytest.mark.slow
 def test_arith_tiny_shortened_raises_the_sampled_accuracy(tmp_path):
-    """The default experiment at a fraction of its length (800 warm-start steps instead of 2500, 30 GRPO steps):
-    GRPO removes the warm start's units-digit slip, so the training accuracy rises."""
+    """The default experiment at a fraction of its length (1500 warm-start steps instead of 3000, 30 GRPO steps):
+    GRPO removes the warm start's units-digit slip, so the training accuracy rises (measured 2026-12-02: 47.4% over
+    the first 5 steps, 66.4% over the last 10). Where a shortened warm start ends is sensitive to float rounding:
+    with 800 or 1200 steps it ended at 10-13% sampled accuracy, from which 30 steps did not move."""
     folder = Path(__file__).parents[1] / "experiments" / "arith_tiny"
-    cfg = load_experiment(folder, ["warm_start.sft.steps=800", "train.steps=30", "eval.num_examples=0",
+    cfg = load_experiment(folder, ["warm_start.sft.steps=1500", "train.steps=30", "eval.num_examples=0",
                                    "mesh.num_devices=1", "checkpoint.every=100", "checkpoint.export_hf=false"])
     train(cfg, tmp_path / "run", show_progress=False)
     accuracy = [r["accuracy"] for r in metrics(tmp_path / "run") if "accuracy" in r]
