@@ -9,7 +9,7 @@
 Both are exact: every real token sees the same keys at the same positions as in the padded rows. A micro-batch
 (the train step's split: strided rows k, k+m, ... or contiguous ones) is cut into ``blocks`` blocks of consecutive
 rows, one per batch shard, and each block is planned alone, so the gathers stay within a shard. Shapes are bucketed
-(L to a multiple of ``row_multiple``, R and N to {2^k, 3·2^(k-1)}) so a run compiles few variants.
+(L to a multiple of ``row_multiple``, R and N by ``bucket``) so a run compiles few variants.
 """
 from __future__ import annotations
 
@@ -27,13 +27,12 @@ LAYOUTS: tuple[str, ...] = ("padded", "packed", "shared_prompt")
 
 
 def bucket(n: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3·2^(k-1)) that is >= n."""
-    k = 1
-    while True:
-        for c in (k, k + k // 2):
-            if c >= n:
-                return c
-        k *= 2
+    """The smallest of 1, 2, 3, then m·2^k for m in 4..7 (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...) that is >= n: at
+    most 25% over n, four shapes per doubling."""
+    if n <= 4:
+        return max(n, 1)
+    k = 1 << (max(n - 1, 1).bit_length() - 3)
+    return -(-n // k) * k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +104,14 @@ class Layout:
     micro_batches: int = 1
     contiguous: bool = False
     blocks: int = 1
-    row_multiple: int = 32
+    row_multiple: int = 32  # L is a multiple of it; also the attention's chunk (query and key blocks)
+    row_tokens: int = 0  # L is at least this (rows longer than the longest segment hold several segments)
 
     def __post_init__(self):
         if self.kind not in ("packed", "shared_prompt"):
             raise ValueError(f"Layout.kind must be 'packed' or 'shared_prompt' (padded needs no plan), got "
                              f"{self.kind!r}")
-        if min(self.group_size, self.micro_batches, self.blocks, self.row_multiple) < 1:
+        if min(self.group_size, self.micro_batches, self.blocks, self.row_multiple) < 1 or self.row_tokens < 0:
             raise ValueError(f"Layout: group_size, micro_batches, blocks and row_multiple must be >= 1, got {self}")
 
     def block_rows(self, B: int) -> list[list[list[int]]]:
@@ -144,7 +144,7 @@ class Layout:
         blocks = [[self.segments(tokens_BxS, attn_BxS, want_BxS, rows) for rows in micro]
                   for micro in self.block_rows(B)]
         longest = max([len(s.tokens) for micro in blocks for segs in micro for s in segs], default=1)
-        L = -(-longest // self.row_multiple) * self.row_multiple
+        L = -(-max(longest, self.row_tokens) // self.row_multiple) * self.row_multiple
         places = [[_pack([len(s.tokens) for s in segs], L) for segs in micro] for micro in blocks]
         R = bucket(max([r + 1 for micro in places for p in micro for r, _ in p], default=1))
         N = bucket(max(sum(len(s.targets) for s in segs) for micro in blocks for segs in micro))
@@ -174,9 +174,28 @@ class Layout:
             x = x if self.contiguous else x.swapaxes(0, 1)
             return x.reshape((m * D,) + x.shape[2:])
 
+        keys = key_chunks(rows["segment"].reshape(-1, L), rows["branch"].reshape(-1, L), self.row_multiple)
         return Plan(tokens_XxRxL=order(rows["tokens"]), positions_XxRxL=order(rows["positions"]),
                     segment_XxRxL=order(rows["segment"]), branch_XxRxL=order(rows["branch"]),
-                    source_XxN=order(source), target_XxN=order(target), slot_BxS=slot)
+                    keys_XxRxJxM=order(keys.reshape((m, D, R) + keys.shape[1:])), source_XxN=order(source),
+                    target_XxN=order(target), slot_BxS=slot)
+
+
+def key_chunks(segment_RxL: np.ndarray, branch_RxL: np.ndarray, chunk: int) -> np.ndarray:
+    """keys_RxJxM: for each row and each of its J = L / chunk query chunks, the key chunks (ascending) that hold a
+    key some query of the chunk may see (the mask rule of ``grpo_jax.models.packed``), padded with J (the all-padding
+    chunk the attention appends); M = ``bucket`` of the longest list."""
+    R, L = segment_RxL.shape
+    J = L // chunk
+    causal = np.tril(np.ones((L, L), bool))
+    needed_RxJxJ = np.zeros((R, J, J), bool)
+    for r in range(R):  # one row's L x L mask at a time
+        s, b = segment_RxL[r], branch_RxL[r]
+        allowed = (s[:, None] == s[None]) & (s[None] != 0) & ((b[None] == 0) | (b[None] == b[:, None])) & causal
+        needed_RxJxJ[r] = allowed.reshape(J, chunk, J, chunk).any(axis=(1, 3))
+    M = bucket(int(needed_RxJxJ.sum(-1).max()))
+    first = np.argsort(~needed_RxJxJ, axis=-1, kind="stable")[..., :M]  # needed chunks first, in ascending order
+    return np.where(np.take_along_axis(needed_RxJxJ, first, -1), first, J).astype(np.int32)
 
 
 def place(plan: Plan, mesh) -> Plan:

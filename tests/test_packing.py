@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from grpo_jax.algorithms import make_algorithm
-from grpo_jax.layout import Layout, bucket, with_plan
+from grpo_jax.layout import Layout, bucket, key_chunks, with_plan
 from grpo_jax.losses import LossConfig
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import ModelConfig, build_model, token_logprobs
@@ -53,7 +53,9 @@ def grouped_batch(seed=0) -> Batch:
 
 
 def test_bucket():
-    assert [bucket(n) for n in (0, 1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 100)] == [1, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 128]
+    # 1, 2, 3, then m·2^k, m in 4..7: 4 5 6 7 | 8 10 12 14 | 16 20 24 28 | ... | 64 80 96 112 | 128
+    assert [bucket(n) for n in (0, 1, 3, 4, 5, 7, 9, 13, 17, 25, 50, 100, 128)] == [
+        1, 1, 3, 4, 5, 7, 10, 14, 20, 28, 56, 112, 128]
 
 
 def test_shared_prompt_plan_of_a_hand_made_batch():
@@ -67,6 +69,7 @@ def test_shared_prompt_plan_of_a_hand_made_batch():
     np.testing.assert_array_equal(plan.positions_XxRxL[0], [[0, 1, 2, 3, 3, 4, 0, 0], [0, 1, 1, 2, 0, 0, 0, 0]])
     np.testing.assert_array_equal(plan.branch_XxRxL[0], [[0, 0, 0, 1, 2, 2, 0, 0], [0, 1, 2, 2, 0, 0, 0, 0]])
     np.testing.assert_array_equal(plan.segment_XxRxL[0], [[1] * 6 + [0] * 2, [1] * 4 + [0] * 4])
+    np.testing.assert_array_equal(plan.keys_XxRxJxM[0], [[[0]], [[0]]])  # one chunk of 8 per row
     # targets (source = flat r * 8 + l, token): 6 and 7 inside the prefix once for both rows; 8 and 9 after the
     # prefix's last token (l 2); 4 after 9 (l 4); row 2's 2 and row 3's 5 after [3] (8 + 0); row 3's 6 after 5 (8 + 2)
     np.testing.assert_array_equal(plan.source_XxN[0], [0, 1, 2, 2, 4, 8, 8, 10])
@@ -79,6 +82,16 @@ def test_shared_prompt_plan_of_a_hand_made_batch():
     np.testing.assert_array_equal(packed.tokens_XxRxL[0], [[5, 6, 7, 9, 4, 3, 5, 6], [5, 6, 7, 8, 3, 2, 0, 0]])
     np.testing.assert_array_equal(packed.segment_XxRxL[0], [[1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2])
     np.testing.assert_array_equal(packed.positions_XxRxL[0], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]])
+
+
+def test_key_chunks_of_hand_made_rows():
+    """Chunks of 4 tokens. Row 0: segments 1 (chunk 0), 2 (chunks 1-2), 3 (chunk 3). Row 1: one segment, prefix at
+    0-5, branch 1 at 6-8, branch 2 at 9-11, padding 12-15; query chunk 2 (tokens 8-11: branches 1 and 2) sees the
+    prefix (chunks 0, 1), branch 1 (chunks 1, 2) and branch 2 (chunk 2). Lists padded with J = 4 to M = 3."""
+    segment = np.array([[1] * 4 + [2] * 8 + [3] * 4, [1] * 12 + [0] * 4])
+    branch = np.array([[0] * 16, [0] * 6 + [1] * 3 + [2] * 3 + [0] * 4])
+    np.testing.assert_array_equal(key_chunks(segment, branch, 4), [[[0, 4, 4], [1, 4, 4], [1, 2, 4], [3, 4, 4]],
+                                                                   [[0, 4, 4], [0, 1, 4], [0, 1, 2], [4, 4, 4]]])
 
 
 def test_blocks_follow_the_micro_batch_split():
@@ -94,7 +107,7 @@ def test_logprobs_and_entropy_equal_the_padded_rows_on_8_devices(kind):
     mesh = make_mesh(8)
     graphdef, params = tiny_model(mesh)
     b = shard_batch(grouped_batch(), mesh)
-    plan = shard_batch(Layout(kind=kind, group_size=G, blocks=8).plan(b.tokens_BxS, b.attn_mask_BxS,
+    plan = shard_batch(Layout(kind=kind, group_size=G, blocks=8, row_multiple=4).plan(b.tokens_BxS, b.attn_mask_BxS,
                                                                       b.attn_mask_BxS), mesh)
 
     @jax.jit
@@ -134,7 +147,7 @@ def test_update_equals_the_padded_update_on_8_devices(kind, micro, contiguous):
     base = StepConfig(num_iterations=2, logprob_chunk=8)
     m_pad, g_pad = update(mesh, base, b)
     step_cfg = dataclasses.replace(base, micro_batches=micro, grad_variance=contiguous)
-    layout = Layout(kind=kind, group_size=G, micro_batches=micro, contiguous=contiguous, blocks=4)
+    layout = Layout(kind=kind, group_size=G, micro_batches=micro, contiguous=contiguous, blocks=4, row_multiple=4)
     m_new, g_new = update(mesh, step_cfg, b, layout)
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g_pad)) > 1e-3
     for a, c in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_pad)):
@@ -151,7 +164,7 @@ def test_reference_pass_through_a_layout_equals_the_padded_one(kind):
     graphdef, params = tiny_model(mesh)
     b = shard_batch(grouped_batch(), mesh)
     padded = logprob_fn(graphdef, 1.0, 8)(params, b.tokens_BxS, b.attn_mask_BxS)
-    layout = Layout(kind=kind, group_size=G, micro_batches=2, contiguous=True, blocks=8)  # the pass splits strided
+    layout = Layout(kind=kind, group_size=G, micro_batches=2, contiguous=True, blocks=8, row_multiple=4)  # strided
     packed = logprob_fn(graphdef, 1.0, 8, 2, layout, mesh)(params, b.tokens_BxS, b.attn_mask_BxS)
     np.testing.assert_allclose(packed, padded, atol=TOL)
 

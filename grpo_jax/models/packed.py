@@ -33,42 +33,52 @@ class Plan(struct.PyTreeNode):
     positions_XxRxL: jax.Array  # int32 RoPE position of each token in its own sequence
     segment_XxRxL: jax.Array  # int32, 0 = padding, else the segment's number within its row
     branch_XxRxL: jax.Array  # int32, 0 = shared prefix (or a whole sequence), k >= 1 = the k-th suffix of a segment
+    keys_XxRxJxM: jax.Array  # int32: the key chunks each query chunk of a row attends (J = all padding)
     source_XxN: jax.Array  # int32 flat index (r * L + l) of each target's predecessor within the block
     target_XxN: jax.Array  # int32 token whose log-prob is taken
     slot_BxS: jax.Array  # int32 per padded slot: its target within the block; N = none (log-prob 0)
 
 
-def packed_mask(segment_RxL: jax.Array, branch_RxL: jax.Array) -> jax.Array:
-    """allowed_RxLxL[r, i, j]: query i may see key j (same nonzero segment, j <= i, j in the prefix or i's branch)."""
-    L = segment_RxL.shape[1]
-    same = (segment_RxL[:, :, None] == segment_RxL[:, None, :]) & (segment_RxL[:, None, :] != 0)
-    branch = (branch_RxL[:, None, :] == 0) | (branch_RxL[:, None, :] == branch_RxL[:, :, None])
-    return same & branch & (jnp.arange(L)[None, :] <= jnp.arange(L)[:, None])[None]
+def chunked_attention(segment_RxL, branch_RxL, keys_RxJxM):
+    """The ``attention`` callable of ``decoder_layer`` over packed rows, by chunks: the J = L / C query chunks of a
+    row (C tokens each) attend only the M key chunks ``keys_RxJxM`` lists (those holding a visible key; index J is
+    an appended all-padding chunk), with the module's mask rule inside them: the same softmax as over the whole row, at
+    M·C instead of L keys per query. GQA, softmax in float32; a query that sees no key (padding) gets a finite,
+    meaningless output."""
+    R, L = segment_RxL.shape
+    J, M = keys_RxJxM.shape[1:]
+    C = L // J
 
+    def by_chunks(x_RxL):  # [R, L, ...] -> the listed key chunks [R, J, M·C, ...] (chunk J: zeros)
+        x = jnp.pad(x_RxL, ((0, 0), (0, C)) + ((0, 0),) * (x_RxL.ndim - 2)).reshape((R, J + 1, C) + x_RxL.shape[2:])
+        return jax.vmap(lambda xr, kr: xr[kr])(x, keys_RxJxM).reshape((R, J, M * C) + x_RxL.shape[2:])
 
-def masked_attention(allowed_RxLxL: jax.Array):
-    """The ``attention`` callable of ``decoder_layer`` over packed rows: GQA with the mask ``allowed_RxLxL``,
-    softmax in float32; a query that sees no key (padding) gets a finite, meaningless output."""
+    seg_q, branch_q, col_q = (x.reshape(R, J, C, 1) for x in (segment_RxL, branch_RxL, jnp.broadcast_to(
+        jnp.arange(L), (R, L))))
+    seg_k, branch_k, col_k = (by_chunks(x)[:, :, None] for x in (segment_RxL, branch_RxL, jnp.broadcast_to(
+        jnp.arange(L), (R, L))))
+    allowed_RxJxCxMC = ((seg_q == seg_k) & (seg_k != 0) & (col_k <= col_q)
+                        & ((branch_k == 0) | (branch_k == branch_q)))
 
     def attention(q_RxLxNxH, k_RxLxKxH, v_RxLxKxH):
-        R, L, N, H = q_RxLxNxH.shape
+        N, H = q_RxLxNxH.shape[2:]
         K = k_RxLxKxH.shape[2]
-        q_RxLxKxGxH = q_RxLxNxH.reshape(R, L, K, N // K, H)
-        scores = jnp.einsum("rtkgh,rskh->rkgts", q_RxLxKxGxH, k_RxLxKxH, preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed_RxLxL[:, None, None], scores * (H**-0.5), jnp.finfo(jnp.float32).min)
+        q = q_RxLxNxH.reshape(R, J, C, K, N // K, H)
+        scores = jnp.einsum("rjtkgh,rjskh->rjkgts", q, by_chunks(k_RxLxKxH), preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed_RxJxCxMC[:, :, None, None], scores * (H**-0.5), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_RxLxKxH.dtype)
-        return jnp.einsum("rkgts,rskh->rtkgh", probs, v_RxLxKxH).reshape(R, L, N, H)
+        return jnp.einsum("rjkgts,rjskh->rjtkgh", probs, by_chunks(v_RxLxKxH)).reshape(R, L, N, H)
 
     return attention
 
 
-def packed_hidden(decoder, tokens_RxL, positions_RxL, segment_RxL, branch_RxL) -> jax.Array:
+def packed_hidden(decoder, tokens_RxL, positions_RxL, segment_RxL, branch_RxL, keys_RxJxM) -> jax.Array:
     """Final normed hidden states [R, L, E] of packed rows: ``Decoder``'s no-cache forward (same scan, remat and
-    unroll settings) with ``masked_attention`` and the plan's positions."""
+    unroll settings) with ``chunked_attention`` and the plan's positions."""
     cfg = decoder.config
     cos, sin = rope_tables(positions_RxL, inv_frequencies(cfg), cfg.compute_dtype)
     x_RxLxE = jnp.take(decoder.embed[...], tokens_RxL, axis=0).astype(cfg.compute_dtype)
-    attention = masked_attention(packed_mask(segment_RxL, branch_RxL))
+    attention = chunked_attention(segment_RxL, branch_RxL, keys_RxJxM)
     graphdef, stack = nnx.split(decoder.layers)
 
     def body(x, layer_state):
@@ -85,7 +95,8 @@ def plan_logprobs(model, plan: Plan, *, temperature, return_entropy: bool, chunk
     head runs on the N gathered hidden states of each block only (chunked, ``gathered_logprobs``)."""
     D, R, L = plan.tokens_XxRxL.shape
     hidden = packed_hidden(model.model, *(x.reshape(D * R, L) for x in (
-        plan.tokens_XxRxL, plan.positions_XxRxL, plan.segment_XxRxL, plan.branch_XxRxL)))
+        plan.tokens_XxRxL, plan.positions_XxRxL, plan.segment_XxRxL, plan.branch_XxRxL)),
+        plan.keys_XxRxJxM.reshape((D * R,) + plan.keys_XxRxJxM.shape[2:]))
     h_DxRLxE = hidden.reshape(D, R * L, hidden.shape[-1])
     h_DxNxE = jnp.take_along_axis(h_DxRLxE, plan.source_XxN[..., None], axis=1)
     outs = gathered_logprobs(h_DxNxE, plan.target_XxN, model.lm_head_ExV(), temperature=temperature,
