@@ -1,7 +1,9 @@
 """Rollout throughput: grpo_jax.rollout.generate vs transformers (torch) generate with KV cache, same workload.
 
-    python benchmarks/rollout.py            # 8 prompts x 8 samples = 64 sequences x 64 new tokens, ~5M params
-    python benchmarks/rollout.py --tiny     # seconds-long smoke run
+    python benchmarks/rollout.py                   # 8 prompts x 8 samples = 64 sequences x 64 new tokens, ~5M params
+    python benchmarks/rollout.py --shape standard  # issue 15's standard workload: 8 x 8 x 32 new tokens, 6-token
+                                                   # prompts, a 0.9M-param model (E 128, F 384, 4 layers, V 512)
+    python benchmarks/rollout.py --tiny            # seconds-long smoke run (= --shape tiny)
 
 Both sides sample (temperature 1) the same number of new tokens for every row (no early EOS). Compilation and
 torch warm-up are timed separately and excluded from the throughput. Prints min and median tokens/s of each side,
@@ -28,11 +30,18 @@ from grpo_jax import perf
 from grpo_jax.models import load_hf
 from grpo_jax.rollout import generate
 
-SIZES = {  # ~5.2M params: tied 2048x256 embedding + 6 layers of (attention 196k + SwiGLU 590k)
+SIZES = {  # default ~5.2M params: tied 2048x256 embedding + 6 layers of (attention 196k + SwiGLU 590k)
     "default": dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                     num_attention_heads=4, num_key_value_heads=2),
+    "standard": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2),
     "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
+}
+WORKLOADS = {  # (prompts, samples, new tokens, prompt length, repeats); flags given explicitly override these
+    "default": (8, 8, 64, 32, 3),
+    "standard": (8, 8, 32, 6, 5),
+    "tiny": (2, 2, 8, 8, 1),
 }
 
 
@@ -92,19 +101,22 @@ def transformers_worker(spec: dict) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny model and workload (smoke test)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shape", choices=sorted(SIZES), default="default", help="model size and workload")
+    ap.add_argument("--tiny", action="store_true", help="= --shape tiny (smoke test)")
+    ap.add_argument("--prompts", type=int)
+    ap.add_argument("--samples", type=int)
+    ap.add_argument("--new-tokens", type=int)
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--repeats", type=int)
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the transformers side, in its own process
     args = ap.parse_args(argv)
     if args.worker:
         return transformers_worker(json.loads(args.worker))
-    if args.tiny:
-        args.prompts, args.samples, args.new_tokens, args.prompt_len, args.repeats = 2, 2, 8, 8, 1
-    size = SIZES["tiny" if args.tiny else "default"]
+    shape = "tiny" if args.tiny else args.shape
+    for name, value in zip(("prompts", "samples", "new_tokens", "prompt_len", "repeats"), WORKLOADS[shape]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    size = SIZES[shape]
 
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen2Config(**size, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
@@ -152,8 +164,9 @@ def main(argv=None):
           f"ours = grpo_jax.generate (first call incl. compile {compile_s:.1f}s), theirs = transformers generate "
           f"(KV cache, in its own process)")
     result = {
-        "benchmark": "rollout", **perf.device_info(), "params": n_params, "sequences": args.prompts * args.samples,
-        "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "grpo_jax_first_call_s": compile_s,
+        "benchmark": "rollout", "shape": shape, **perf.device_info(), "params": n_params,
+        "sequences": args.prompts * args.samples, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+        "grpo_jax_first_call_s": compile_s,
         **perf.compare(ours_s, theirs_s, n_tokens),
         "matmul_floor": perf.rates(floor_s, n_tokens),
         "max_ratio_at_matmul_floor": float(np.median(theirs_s) / min(floor_s)),
