@@ -105,14 +105,15 @@ class Layout:
     contiguous: bool = False
     blocks: int = 1
     row_multiple: int = 32  # L is a multiple of it; also the attention's chunk (query and key blocks)
-    row_tokens: int = 0  # L is at least this (rows longer than the longest segment hold several segments)
+    row_factor: int = 4  # packed: rows of row_factor x S tokens (several sequences each); shared_prompt: 1 group
 
     def __post_init__(self):
         if self.kind not in ("packed", "shared_prompt"):
             raise ValueError(f"Layout.kind must be 'packed' or 'shared_prompt' (padded needs no plan), got "
                              f"{self.kind!r}")
-        if min(self.group_size, self.micro_batches, self.blocks, self.row_multiple) < 1 or self.row_tokens < 0:
-            raise ValueError(f"Layout: group_size, micro_batches, blocks and row_multiple must be >= 1, got {self}")
+        if min(self.group_size, self.micro_batches, self.blocks, self.row_multiple, self.row_factor) < 1:
+            raise ValueError(f"Layout: group_size, micro_batches, blocks, row_multiple and row_factor must be >= 1, "
+                             f"got {self}")
 
     def block_rows(self, B: int) -> list[list[list[int]]]:
         """rows[k][d]: the padded rows of block d of micro-batch k, in the order the step sees them."""
@@ -144,7 +145,8 @@ class Layout:
         blocks = [[self.segments(tokens_BxS, attn_BxS, want_BxS, rows) for rows in micro]
                   for micro in self.block_rows(B)]
         longest = max([len(s.tokens) for micro in blocks for segs in micro for s in segs], default=1)
-        L = -(-max(longest, self.row_tokens) // self.row_multiple) * self.row_multiple
+        L = max(longest, self.row_factor * S if self.kind == "packed" else 0)
+        L = -(-L // self.row_multiple) * self.row_multiple
         places = [[_pack([len(s.tokens) for s in segs], L) for segs in micro] for micro in blocks]
         R = bucket(max([r + 1 for micro in places for p in micro for r, _ in p], default=1))
         N = bucket(max(sum(len(s.targets) for s in segs) for micro in blocks for segs in micro))
@@ -174,17 +176,18 @@ class Layout:
             x = x if self.contiguous else x.swapaxes(0, 1)
             return x.reshape((m * D,) + x.shape[2:])
 
-        keys = key_chunks(rows["segment"].reshape(-1, L), rows["branch"].reshape(-1, L), self.row_multiple)
+        g, w = chunk_window(rows["segment"].reshape(-1, L), rows["branch"].reshape(-1, L), self.row_multiple)
         return Plan(tokens_XxRxL=order(rows["tokens"]), positions_XxRxL=order(rows["positions"]),
                     segment_XxRxL=order(rows["segment"]), branch_XxRxL=order(rows["branch"]),
-                    keys_XxRxJxM=order(keys.reshape((m, D, R) + keys.shape[1:])), source_XxN=order(source),
-                    target_XxN=order(target), slot_BxS=slot)
+                    source_XxN=order(source), target_XxN=order(target), slot_BxS=slot, chunk=self.row_multiple,
+                    global_chunks=g, window_chunks=w)
 
 
-def key_chunks(segment_RxL: np.ndarray, branch_RxL: np.ndarray, chunk: int) -> np.ndarray:
-    """keys_RxJxM: for each row and each of its J = L / chunk query chunks, the key chunks (ascending) that hold a
-    key some query of the chunk may see (the mask rule of ``grpo_jax.models.packed``), padded with J (the all-padding
-    chunk the attention appends); M = ``bucket`` of the longest list."""
+def chunk_window(segment_RxL: np.ndarray, branch_RxL: np.ndarray, chunk: int) -> tuple[int, int]:
+    """(g, w): the fewest key chunks g + w such that every key a query may see (the mask rule of
+    ``grpo_jax.models.packed``) lies in its row's first g chunks or in the w chunks ending at the query's own chunk
+    (chunks of ``chunk`` tokens; w bucketed). Packed sequences need g = 0 and w = ceil(longest / chunk) + 1; a row
+    of one group's shared prompt needs g = the prompt's chunks and w = a completion's chunks + 1."""
     R, L = segment_RxL.shape
     J = L // chunk
     causal = np.tril(np.ones((L, L), bool))
@@ -193,9 +196,13 @@ def key_chunks(segment_RxL: np.ndarray, branch_RxL: np.ndarray, chunk: int) -> n
         s, b = segment_RxL[r], branch_RxL[r]
         allowed = (s[:, None] == s[None]) & (s[None] != 0) & ((b[None] == 0) | (b[None] == b[:, None])) & causal
         needed_RxJxJ[r] = allowed.reshape(J, chunk, J, chunk).any(axis=(1, 3))
-    M = bucket(int(needed_RxJxJ.sum(-1).max()))
-    first = np.argsort(~needed_RxJxJ, axis=-1, kind="stable")[..., :M]  # needed chunks first, in ascending order
-    return np.where(np.take_along_axis(needed_RxJxJ, first, -1), first, J).astype(np.int32)
+    best = (J + 1, 0, J)
+    for g in range(J + 1):
+        beyond = np.pad(needed_RxJxJ[..., g:], ((0, 0), (0, 0), (0, 1)))  # needed chunks n >= g: w >= j - n + 1
+        first = np.where(beyond.any(-1), np.argmax(beyond, axis=-1) + g, np.arange(J))
+        w = bucket(int((np.arange(J) - first).max()) + 1)
+        best = min(best, (g + w, g, w))
+    return best[1], best[2]
 
 
 def place(plan: Plan, mesh) -> Plan:

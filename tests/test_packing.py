@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from grpo_jax.algorithms import make_algorithm
-from grpo_jax.layout import Layout, bucket, key_chunks, with_plan
+from grpo_jax.layout import Layout, bucket, chunk_window, with_plan
 from grpo_jax.losses import LossConfig
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import ModelConfig, build_model, token_logprobs
@@ -69,7 +69,7 @@ def test_shared_prompt_plan_of_a_hand_made_batch():
     np.testing.assert_array_equal(plan.positions_XxRxL[0], [[0, 1, 2, 3, 3, 4, 0, 0], [0, 1, 1, 2, 0, 0, 0, 0]])
     np.testing.assert_array_equal(plan.branch_XxRxL[0], [[0, 0, 0, 1, 2, 2, 0, 0], [0, 1, 2, 2, 0, 0, 0, 0]])
     np.testing.assert_array_equal(plan.segment_XxRxL[0], [[1] * 6 + [0] * 2, [1] * 4 + [0] * 4])
-    np.testing.assert_array_equal(plan.keys_XxRxJxM[0], [[[0]], [[0]]])  # one chunk of 8 per row
+    assert (plan.chunk, plan.global_chunks, plan.window_chunks) == (8, 0, 1)  # one chunk of 8 per row
     # targets (source = flat r * 8 + l, token): 6 and 7 inside the prefix once for both rows; 8 and 9 after the
     # prefix's last token (l 2); 4 after 9 (l 4); row 2's 2 and row 3's 5 after [3] (8 + 0); row 3's 6 after 5 (8 + 2)
     np.testing.assert_array_equal(plan.source_XxN[0], [0, 1, 2, 2, 4, 8, 8, 10])
@@ -77,21 +77,24 @@ def test_shared_prompt_plan_of_a_hand_made_batch():
     none = 8  # N = bucket(8) targets; slot N reads 0
     np.testing.assert_array_equal(plan.slot_BxS, [[none, none, 0, 1, 2, none], [none, none, 0, 1, 3, 4],
                                                   [none, none, none, 5, none, none], [none, none, none, 6, 7, none]])
-    packed = Layout(kind="packed", row_multiple=8).plan(tokens, tokens > 0, tokens > 0)
+    packed = Layout(kind="packed", row_multiple=8, row_factor=1).plan(tokens, tokens > 0, tokens > 0)
     # one segment per row, lengths 4, 5, 2, 3; first-fit decreasing: 5 -> row 0, 4 -> row 1, 3 -> row 0, 2 -> row 1
     np.testing.assert_array_equal(packed.tokens_XxRxL[0], [[5, 6, 7, 9, 4, 3, 5, 6], [5, 6, 7, 8, 3, 2, 0, 0]])
     np.testing.assert_array_equal(packed.segment_XxRxL[0], [[1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2])
     np.testing.assert_array_equal(packed.positions_XxRxL[0], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]])
 
 
-def test_key_chunks_of_hand_made_rows():
-    """Chunks of 4 tokens. Row 0: segments 1 (chunk 0), 2 (chunks 1-2), 3 (chunk 3). Row 1: one segment, prefix at
-    0-5, branch 1 at 6-8, branch 2 at 9-11, padding 12-15; query chunk 2 (tokens 8-11: branches 1 and 2) sees the
-    prefix (chunks 0, 1), branch 1 (chunks 1, 2) and branch 2 (chunk 2). Lists padded with J = 4 to M = 3."""
+def test_chunk_window_of_hand_made_rows():
+    """Chunks of 4 tokens. Row 0: segments 1 (chunk 0), 2 (chunks 1-2), 3 (chunk 3): a window of 2 chunks (query
+    chunk 2 needs chunk 1). Row 1: one segment, prefix at 0-5, branch 1 at 6-8, branch 2 at 9-11: query chunk 2
+    (tokens 8-11) needs chunks 0, 1, 2: g = 0 and w = 3, or g = 1 and w = 2 (the same 3 chunks: the smaller g)."""
     segment = np.array([[1] * 4 + [2] * 8 + [3] * 4, [1] * 12 + [0] * 4])
     branch = np.array([[0] * 16, [0] * 6 + [1] * 3 + [2] * 3 + [0] * 4])
-    np.testing.assert_array_equal(key_chunks(segment, branch, 4), [[[0, 4, 4], [1, 4, 4], [1, 2, 4], [3, 4, 4]],
-                                                                   [[0, 4, 4], [0, 1, 4], [0, 1, 2], [4, 4, 4]]])
+    assert chunk_window(segment[:1], branch[:1], 4) == (0, 2)
+    assert chunk_window(segment, branch, 4) == (0, 3)
+    # one group per row: a prompt of 3 chunks, then branches of 3 tokens across chunk edges: g = 3, w = 2 (5 of 6)
+    segment, branch = np.ones((1, 24), int), np.array([[0] * 12 + [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]])
+    assert chunk_window(segment, branch, 4) == (3, 2)
 
 
 def test_blocks_follow_the_micro_batch_split():
@@ -102,13 +105,18 @@ def test_blocks_follow_the_micro_batch_split():
         Layout(kind="packed", micro_batches=2, blocks=4).block_rows(12)
 
 
-@pytest.mark.parametrize("kind", ["packed", "shared_prompt"])
-def test_logprobs_and_entropy_equal_the_padded_rows_on_8_devices(kind):
+@pytest.mark.parametrize("kind, row_factor", [("packed", 1), ("packed", 3), ("shared_prompt", 1)])
+def test_logprobs_and_entropy_equal_the_padded_rows_on_8_devices(kind, row_factor):
+    """Chunks of 4 tokens: packed rows of S = 13 -> 16 tokens (window = the whole row) or 3 S = 39 -> 40 tokens (a
+    window of 4 of the 10 chunks), one group's shared prompt per row (its first chunk and a window: 5 of 6)."""
     mesh = make_mesh(8)
     graphdef, params = tiny_model(mesh)
     b = shard_batch(grouped_batch(), mesh)
-    plan = shard_batch(Layout(kind=kind, group_size=G, blocks=8, row_multiple=4).plan(b.tokens_BxS, b.attn_mask_BxS,
-                                                                      b.attn_mask_BxS), mesh)
+    layout = Layout(kind=kind, group_size=G, blocks=8, row_multiple=4, row_factor=row_factor)
+    plan = layout.plan(b.tokens_BxS, b.attn_mask_BxS, b.attn_mask_BxS)
+    J = plan.tokens_XxRxL.shape[-1] // 4
+    assert plan.global_chunks + plan.window_chunks < J or (kind, row_factor) == ("packed", 1)
+    plan = shard_batch(plan, mesh)
 
     @jax.jit
     def both(params, b, plan):

@@ -33,52 +33,58 @@ class Plan(struct.PyTreeNode):
     positions_XxRxL: jax.Array  # int32 RoPE position of each token in its own sequence
     segment_XxRxL: jax.Array  # int32, 0 = padding, else the segment's number within its row
     branch_XxRxL: jax.Array  # int32, 0 = shared prefix (or a whole sequence), k >= 1 = the k-th suffix of a segment
-    keys_XxRxJxM: jax.Array  # int32: the key chunks each query chunk of a row attends (J = all padding)
     source_XxN: jax.Array  # int32 flat index (r * L + l) of each target's predecessor within the block
     target_XxN: jax.Array  # int32 token whose log-prob is taken
     slot_BxS: jax.Array  # int32 per padded slot: its target within the block; N = none (log-prob 0)
+    chunk: int = struct.field(pytree_node=False, default=32)  # attention's query/key chunk (tokens)
+    global_chunks: int = struct.field(pytree_node=False, default=0)  # g: each row's first g chunks...
+    window_chunks: int = struct.field(pytree_node=False, default=1)  # ...and the w chunks ending at the query's
 
 
-def chunked_attention(segment_RxL, branch_RxL, keys_RxJxM):
-    """The ``attention`` callable of ``decoder_layer`` over packed rows, by chunks: the J = L / C query chunks of a
-    row (C tokens each) attend only the M key chunks ``keys_RxJxM`` lists (those holding a visible key; index J is
-    an appended all-padding chunk), with the module's mask rule inside them: the same softmax as over the whole row, at
-    M·C instead of L keys per query. GQA, softmax in float32; a query that sees no key (padding) gets a finite,
-    meaningless output."""
+def chunked_attention(segment_RxL, branch_RxL, C: int, g: int, w: int):
+    """The ``attention`` callable of ``decoder_layer`` over packed rows, by chunks of C tokens: the queries of chunk j
+    see the keys of the row's first g chunks and of chunks j-w+1 .. j (those below g or 0 once only), with the
+    module's mask rule inside them. The plan guarantees (``grpo_jax.layout.chunk_window``) that every visible key is
+    there, so this is the softmax over the whole row at (g + w)·C instead of L keys per query; all slices are
+    static (no gather, no scatter in the backward pass). GQA, softmax in float32; a query that sees no key
+    (padding) gets a finite, meaningless output."""
     R, L = segment_RxL.shape
-    J, M = keys_RxJxM.shape[1:]
-    C = L // J
+    J = L // C
 
-    def by_chunks(x_RxL):  # [R, L, ...] -> the listed key chunks [R, J, M·C, ...] (chunk J: zeros)
-        x = jnp.pad(x_RxL, ((0, 0), (0, C)) + ((0, 0),) * (x_RxL.ndim - 2)).reshape((R, J + 1, C) + x_RxL.shape[2:])
-        return jax.vmap(lambda xr, kr: xr[kr])(x, keys_RxJxM).reshape((R, J, M * C) + x_RxL.shape[2:])
+    def keys(x_RxL):  # [R, L, ...] -> [R, J, (g + w)·C, ...]: the g first chunks, then the window
+        tail = x_RxL.shape[2:]
+        first = jnp.broadcast_to(x_RxL[:, None, :g * C], (R, J, g * C) + tail)
+        padded = jnp.pad(x_RxL, ((0, 0), ((w - 1) * C, 0)) + ((0, 0),) * len(tail)).reshape((R, J + w - 1, C) + tail)
+        window = jnp.stack([padded[:, i:i + J] for i in range(w)], axis=2).reshape((R, J, w * C) + tail)
+        return jnp.concatenate([first, window], axis=2)
 
-    seg_q, branch_q, col_q = (x.reshape(R, J, C, 1) for x in (segment_RxL, branch_RxL, jnp.broadcast_to(
-        jnp.arange(L), (R, L))))
-    seg_k, branch_k, col_k = (by_chunks(x)[:, :, None] for x in (segment_RxL, branch_RxL, jnp.broadcast_to(
-        jnp.arange(L), (R, L))))
-    allowed_RxJxCxMC = ((seg_q == seg_k) & (seg_k != 0) & (col_k <= col_q)
-                        & ((branch_k == 0) | (branch_k == branch_q)))
+    col_RxL = jnp.broadcast_to(jnp.arange(L), (R, L))
+    seg_q, branch_q, col_q = (x.reshape(R, J, C, 1) for x in (segment_RxL, branch_RxL, col_RxL))
+    seg_k, branch_k, col_k = (keys(x)[:, :, None] for x in (segment_RxL, branch_RxL, col_RxL))
+    window_chunk_JxW = jnp.arange(J)[:, None] - (w - 1) + jnp.arange(w)[None]  # below g: already among the first
+    fresh = jnp.concatenate([jnp.ones((J, g * C), bool), jnp.repeat(window_chunk_JxW >= g, C, axis=1)], axis=1)
+    allowed_RxJxCxK = ((seg_q == seg_k) & (seg_k != 0) & (col_k <= col_q) & fresh[None, :, None]
+                       & ((branch_k == 0) | (branch_k == branch_q)))
 
     def attention(q_RxLxNxH, k_RxLxKxH, v_RxLxKxH):
         N, H = q_RxLxNxH.shape[2:]
         K = k_RxLxKxH.shape[2]
         q = q_RxLxNxH.reshape(R, J, C, K, N // K, H)
-        scores = jnp.einsum("rjtkgh,rjskh->rjkgts", q, by_chunks(k_RxLxKxH), preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed_RxJxCxMC[:, :, None, None], scores * (H**-0.5), jnp.finfo(jnp.float32).min)
+        scores = jnp.einsum("rjtkgh,rjskh->rjkgts", q, keys(k_RxLxKxH), preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed_RxJxCxK[:, :, None, None], scores * (H**-0.5), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_RxLxKxH.dtype)
-        return jnp.einsum("rjkgts,rjskh->rjtkgh", probs, by_chunks(v_RxLxKxH)).reshape(R, L, N, H)
+        return jnp.einsum("rjkgts,rjskh->rjtkgh", probs, keys(v_RxLxKxH)).reshape(R, L, N, H)
 
     return attention
 
 
-def packed_hidden(decoder, tokens_RxL, positions_RxL, segment_RxL, branch_RxL, keys_RxJxM) -> jax.Array:
+def packed_hidden(decoder, tokens_RxL, positions_RxL, segment_RxL, branch_RxL, window: tuple[int, int, int]):
     """Final normed hidden states [R, L, E] of packed rows: ``Decoder``'s no-cache forward (same scan, remat and
-    unroll settings) with ``chunked_attention`` and the plan's positions."""
+    unroll settings) with ``chunked_attention`` (``window`` = its C, g, w) and the plan's positions."""
     cfg = decoder.config
     cos, sin = rope_tables(positions_RxL, inv_frequencies(cfg), cfg.compute_dtype)
     x_RxLxE = jnp.take(decoder.embed[...], tokens_RxL, axis=0).astype(cfg.compute_dtype)
-    attention = chunked_attention(segment_RxL, branch_RxL, keys_RxJxM)
+    attention = chunked_attention(segment_RxL, branch_RxL, *window)
     graphdef, stack = nnx.split(decoder.layers)
 
     def body(x, layer_state):
@@ -96,7 +102,7 @@ def plan_logprobs(model, plan: Plan, *, temperature, return_entropy: bool, chunk
     D, R, L = plan.tokens_XxRxL.shape
     hidden = packed_hidden(model.model, *(x.reshape(D * R, L) for x in (
         plan.tokens_XxRxL, plan.positions_XxRxL, plan.segment_XxRxL, plan.branch_XxRxL)),
-        plan.keys_XxRxJxM.reshape((D * R,) + plan.keys_XxRxJxM.shape[2:]))
+        (plan.chunk, plan.global_chunks, plan.window_chunks))
     h_DxRLxE = hidden.reshape(D, R * L, hidden.shape[-1])
     h_DxNxE = jnp.take_along_axis(h_DxRLxE, plan.source_XxN[..., None], axis=1)
     outs = gathered_logprobs(h_DxNxE, plan.target_XxN, model.lm_head_ExV(), temperature=temperature,
