@@ -6,8 +6,9 @@ What the arrays of ``loop.train`` hold in each phase, counted from the code and 
 jitted functions the loop runs: ``rollout.sample``, ``run_setup.logprob_fn`` and ``train_step.make_train_step``.
 ``tests/test_memory.py`` compares each phase with XLA:CPU's compiled ``memory_analysis()`` (arguments + outputs +
 temporaries - aliased, per device) on three float32 configs (1 device, data=2, data=8; remat on and off; 1 and 2
-micro-batches; beta 0 and 0.04): within 6%, and a wider sweep of shapes (E, F, N, K, S, V, C) within 7%, except no
-remat with exactly 2 micro-batches (up to +16%: XLA overlaps the two micro-batches' saved values only in part).
+micro-batches; beta 0 and 0.04): within 6% (the rollout, since the shared-prompt decode cache, -2 to -8%), and a
+wider sweep of shapes (E, F, N, K, S, V, C) within 7%, except no remat with exactly 2 micro-batches (up to +16%:
+XLA overlaps the two micro-batches' saved values only in part).
 Left out: XLA:CPU computes bf16 in float32 and keeps float32 copies (bf16 on CPU measured up to 25% above these
 formulas, 38% in the sampler), so bf16 is checked only through the dtype terms; TPU pads a last dimension below 128
 (head_dim 64: the KV cache) to 128 lanes; the runtime's reserve.
@@ -28,10 +29,12 @@ Resident all run: params (each param's shards as ``mesh.param_sharding`` places 
 Then one phase at a time; the peak is resident + the largest phase:
   rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
              XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
-             the largest of: the prefill (the prompt rows' KV cache twice, per-layer buffers and the scan's stacked
-             copy, p*forward(prompt, S), last-position logits p*Vt*cb), the repeat (the prompt rows' cache beside the
-             samples'), decoding (the samples' cache and 4 float32 [p*G, V] sampling buffers). KV cache: 2*L*Kt*H*S*cb
-             per row. The largest of the training rollout and the eval rollouts (greedy, and pass@k samples).
+             the larger of: the prefill (the prompt rows' cache twice, per-layer buffers and the scan's stacked copy,
+             p*forward(prompt, prompt), last-position logits p*Vt*cb, the scan's slice of one layer), decoding (the KV
+             cache and 4 float32 [p*G, V] sampling buffers). KV cache (``models.cache.GroupKVCache``): the prompt part
+             once per prompt, 2*L*Kt*H*prompt*cb per prompt row, and max_new_tokens - 1 completion slots per sample
+             row, 2*L*Kt*H*(max_new_tokens - 1)*cb. The largest of the training rollout and the eval rollouts (greedy,
+             and pass@k samples).
   reference  one micro-batch at a time (b rows: run_setup.logprob_fn): the head [E, Vt] in cb, one layer's weights
              gathered over fsdp (layer params / t x pb, fsdp > 1), and the larger of a layer's forward b*forward(S, S)
              and the head's: hidden states and their chunked copy 2*b*S*E*cb and one chunk of float32 logits b*C*Vt*4.
@@ -190,10 +193,10 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
 
     def rollout(prompts: int, samples: int) -> tuple[int, int]:
         p = -(-bucket(prompts, 1) // d)  # prompt rows per device, padded as rollout.generate pads them
-        row = 2 * L * Kt * H * S * cb  # one row's KV cache
-        kv = row * p * samples
-        prefill = 2 * row * p + p * (forward(prompt_len, S) + Vt * cb)
-        return kv, decode_w + max(prefill - kv, row * p, 4 * p * samples * V * 4)
+        slot = 2 * L * Kt * H * cb  # one cached token of one row, all layers
+        kv = slot * p * (prompt_len + samples * (max_new_tokens - 1))
+        prefill = 2 * slot * prompt_len * p + p * (forward(prompt_len, prompt_len) + Vt * cb) + layer_t * pb
+        return kv, decode_w + max(prefill - kv, 4 * p * samples * V * 4)
 
     kv_cache, rollout_work = max((rollout(*r) for r in ((batch_prompts, group_size),) + eval_rollouts), key=sum)
     overlap = 2 if micro_batches == 2 else 1  # the single-step scan over the second micro-batch is inlined

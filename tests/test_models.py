@@ -87,22 +87,6 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(pair, family):
     np.testing.assert_array_equal(cache.lengths_B, [Tp + D, 5 + D])
 
 
-def test_prefilled_cache_broadcasts_to_group_samples(pair):
-    _, ours = pair["qwen3"]
-    P, G, Tp = 2, 3, 10
-    prompt, prompt_mask = left_padded([Tp, 4], Tp, seed=6)
-    step = nnx.jit(lambda m, tok, mask, cache: m(tok, attention_mask_BxT=mask, cache=cache))
-    _, cache = step(ours, prompt, prompt_mask, KVCache.init(ours.config, P, Tp + 2))
-    cache = cache.repeat(G)
-    assert len(cache.k_BxKxSxH) == 2 and cache.k_BxKxSxH[0].shape == (P * G, 2, Tp + 2, 16)
-    next_tokens = np.arange(3, 3 + P * G, dtype=np.int32)[:, None]  # a different sample token in every row
-    logits, _ = step(ours, next_tokens, np.ones((P * G, 1), np.int32), cache)
-    rows = np.repeat(np.arange(P), G)
-    full = np.asarray(ours(np.concatenate([prompt[rows], next_tokens], 1),
-                           attention_mask_BxT=np.pad(prompt_mask[rows], ((0, 0), (0, 1)), constant_values=1)))
-    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, -1], atol=1e-5)
-
-
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_reward_head_matches_qwen2_for_sequence_classification(tmp_path, padding):
     hf = hf_classifier("qwen2", num_labels=1)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from grpo_jax import rollout
 from grpo_jax.models import CausalLM, ModelConfig, build_model, load_hf, token_logprobs
-from grpo_jax.rollout import SamplingConfig, generate, next_token, truncate_logits
+from grpo_jax.rollout import SamplingConfig, first_argmax, generate, next_token, truncate_logits
 from grpo_jax.tracking import compile_count
 
 from tiny_hf import PAD, hf_causal_lm
@@ -66,6 +66,11 @@ def test_rollout_logprobs_equal_trainer_logprobs(temperature):
     assert np.all(np.asarray(r.logprobs_BxT)[np.asarray(r.completion_mask_BxT)] < 0)
 
 
+def test_first_argmax_is_argmax_ties_included():
+    x = jnp.array([[1.0, 3.0, 3.0, 2.0], [-jnp.inf, -1.0, -jnp.inf, -1.0], [0.5, 0.5, 0.5, 0.5]])
+    assert first_argmax(x).tolist() == [1, 1, 0] == jnp.argmax(x, axis=-1).tolist()
+
+
 def draws(logits_V, cfg, n=20000, seed=0):
     logits_BxV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
     return np.asarray(next_token(logits_BxV, jax.random.key(seed), cfg)[0])
@@ -113,22 +118,22 @@ def test_same_seed_same_output_and_samples_in_a_group_differ():
 
 def test_prefill_runs_once_per_prompt(monkeypatch):
     calls = []
+    real_hidden_states, real_decode_step = CausalLM.hidden_states, rollout.decode_step
 
-    def recording(method):
-        original = getattr(CausalLM, method)
+    def hidden_states(self, tokens_BxT, *args, **kwargs):
+        calls.append(("prefill", tuple(tokens_BxT.shape)))
+        return real_hidden_states(self, tokens_BxT, *args, **kwargs)
 
-        def record(self, tokens_BxT, *args, **kwargs):
-            calls.append((method, tuple(tokens_BxT.shape)))
-            return original(self, tokens_BxT, *args, **kwargs)
+    def decode_step(model, layers, token_B, cache):
+        calls.append(("decode", token_B.shape[0], cache.prompt_k_PxKxLxH[0].shape[0]))
+        return real_decode_step(model, layers, token_B, cache)
 
-        monkeypatch.setattr(CausalLM, method, record)
-
-    recording("__call__")
-    recording("hidden_states")
+    monkeypatch.setattr(CausalLM, "hidden_states", hidden_states)
+    monkeypatch.setattr(rollout, "decode_step", decode_step)
     generate(tiny_model(), PROMPTS, max_new_tokens=5, num_samples=6, pad_id=0, rng=0)  # new static config: traced
-    # one prefill of the 4 prompts (bucketed to 4 rows x 8 tokens; hidden states, the vocab projection of the last
-    # slot only), then one-token decode steps on 4*6 rows
-    assert calls == [("hidden_states", (4, 8)), ("__call__", (24, 1))]
+    # one prefill of the 4 prompts (bucketed to 4 rows x 8 tokens), then one-token decode steps on 4*6 rows whose
+    # cache holds the prompt part once per prompt (4 rows, not 24)
+    assert calls == [("prefill", (4, 8)), ("decode", 24, 4)]
 
 
 def test_compilations_bounded_by_buckets(monkeypatch):

@@ -17,8 +17,9 @@ has written slots ``[0, T_prompt)`` (pad slots marked False in ``mask_BxS``) and
 ``index`` for every row. A row's rope positions count only its real tokens (the first real token is position 0), so
 the next position of row b is ``sum(mask_BxS[b])`` (``lengths_B``): left padding does not shift positions.
 
-Broadcast to G samples without recomputation: prefill a ``[P, T_prompt]`` batch once, then ``cache.repeat(G)``
-gives the ``[P*G, ...]`` cache with rows ``p*G .. p*G+G-1`` copies of prompt p (``jnp.repeat`` order).
+The sampler prefills a ``[P, T_prompt]`` batch into a ``KVCache`` once, then decodes its G samples per prompt
+over a ``GroupKVCache``, which keeps that prompt part once per prompt (never copied G times) beside each row's
+own completion slots.
 """
 from __future__ import annotations
 
@@ -57,11 +58,61 @@ class KVCache:
         """Real tokens cached per row = the rope position of the row's next token."""
         return self.mask_BxS.sum(axis=1, dtype=jnp.int32)
 
-    def repeat(self, num_samples: int) -> KVCache:
-        """Each row repeated ``num_samples`` times along the batch (row b -> rows b*G .. b*G+G-1)."""
-        return KVCache(
-            k_BxKxSxH=tuple(jnp.repeat(k, num_samples, axis=0) for k in self.k_BxKxSxH),
-            v_BxKxSxH=tuple(jnp.repeat(v, num_samples, axis=0) for v in self.v_BxKxSxH),
-            mask_BxS=jnp.repeat(self.mask_BxS, num_samples, axis=0),
-            index=self.index,
-        )
+
+@struct.dataclass
+class GroupKVCache:
+    """The decode cache of G samples per prompt: the prompt part once per prompt, the completion part per row.
+
+    Layout (``P`` prompts, ``B = P*G`` rows in group order: rows ``p*G .. p*G+G-1`` sample prompt p; ``L`` prompt
+    slots; one entry per layer in each outer tuple)::
+
+        prompt_k_PxKxLxH, prompt_v_PxKxLxH   the prefilled prompt keys (after rope) and values, read-only
+        prompt_mask_PxL                      True where a prompt slot holds a real token
+        k_blocks, v_blocks                   per layer, a tuple of completion blocks [B, K, S_j, H] (the rows' own
+                                             keys and values; block j holds the S_j slots after blocks 0..j-1)
+        index                                int32 scalar: completion slots written so far, the same for every row
+        num_samples                          G (static)
+
+    Row b's next token sits at rope position ``prompt_lengths[b // G] + index`` and attends to its prompt's real
+    slots and to its completion slots ``0 .. index`` (``grpo_jax.models.decode``). A decode loop adds blocks as it
+    goes (``extend``: static sizes, no copy of the blocks already written), so attention reads only slots that can
+    be filled, and the cache holds no more completion slots than the loop writes.
+    """
+    prompt_k_PxKxLxH: tuple[jax.Array, ...]
+    prompt_v_PxKxLxH: tuple[jax.Array, ...]
+    prompt_mask_PxL: jax.Array
+    k_blocks: tuple[tuple[jax.Array, ...], ...]
+    v_blocks: tuple[tuple[jax.Array, ...], ...]
+    index: jax.Array
+    num_samples: int = struct.field(pytree_node=False)
+
+    @classmethod
+    def from_prefill(cls, prefill: KVCache, num_samples: int) -> GroupKVCache:
+        """The prompt part from a prefilled ``KVCache`` whose every slot is a prompt slot, for ``num_samples`` rows
+        per prompt; no completion slots yet (``extend`` adds them)."""
+        no_blocks = tuple(() for _ in prefill.k_BxKxSxH)
+        return cls(prompt_k_PxKxLxH=prefill.k_BxKxSxH, prompt_v_PxKxLxH=prefill.v_BxKxSxH,
+                   prompt_mask_PxL=prefill.mask_BxS, k_blocks=no_blocks, v_blocks=no_blocks,
+                   index=jnp.zeros((), jnp.int32), num_samples=num_samples)
+
+    @property
+    def slots(self) -> int:
+        """Completion slots in all blocks."""
+        return sum(k.shape[2] for k in self.k_blocks[0])
+
+    @property
+    def positions_B(self) -> jax.Array:
+        """Rope position of each row's next token: its prompt's real tokens plus the completion slots written."""
+        prompt_lengths_P = self.prompt_mask_PxL.sum(axis=1, dtype=jnp.int32)
+        return jnp.repeat(prompt_lengths_P, self.num_samples) + self.index
+
+    def extend(self, slots: int) -> GroupKVCache:
+        """The same cache with one more (empty) block, so that it has ``slots`` completion slots in all."""
+        if slots <= self.slots:
+            raise ValueError(f"GroupKVCache.extend: {slots} slots <= the {self.slots} it already has")
+        P, K, _, H = self.prompt_k_PxKxLxH[0].shape
+        shape = (P * self.num_samples, K, slots - self.slots, H)
+        return self.replace(k_blocks=tuple(b + (jnp.zeros(shape, b0.dtype),)
+                                           for b, b0 in zip(self.k_blocks, self.prompt_k_PxKxLxH)),
+                            v_blocks=tuple(b + (jnp.zeros(shape, b0.dtype),)
+                                           for b, b0 in zip(self.v_blocks, self.prompt_v_PxKxLxH)))
