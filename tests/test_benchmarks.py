@@ -78,3 +78,12 @@ def test_step_vs_trl_benchmark_smoke(capsys):
     assert result["grpo_jax"]["update_s"]["median"] > 0 and result["update_over_ref_forward"] > 0
     assert result["recompiles_after_warmup"] == [0]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "step_vs_trl"
+
+
+def test_update_layouts_benchmark_smoke(capsys):
+    result = load("update_layouts").main(["--tiny"])
+    losses = {k: v["first_loss"] for k, v in result["layouts"].items()}
+    assert set(losses) == {"padded", "packed", "shared_prompt"} and all(v["update"] > 0 for v in
+                                                                       result["layouts"].values())
+    assert max(losses.values()) - min(losses.values()) < 1e-4  # the same update in every layout
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "update_layouts"
