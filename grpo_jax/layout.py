@@ -1,15 +1,18 @@
 """The update's layouts (``train.layout``), planned on the host from a batch's masks:
 
 - ``padded``: the [B, S] rows as they are (prompt left-padded, completion right-padded);
-- ``packed``: each row's real tokens as one segment, segments packed into rows of L tokens: no compute on padding;
+- ``packed``: each row's real tokens as one segment, segments packed (first-fit decreasing) into rows of
+  ``row_factor`` x S tokens: no compute on padding beyond the rows' tails;
 - ``shared_prompt``: the rows of a group (consecutive ``group_size`` rows) that fall in the same block share their
   longest common prefix of real tokens (at least the prompt), encoded once; each row's remaining tokens are a
   branch after it that sees the prefix and itself (``grpo_jax.models.packed``). Padding is dropped as in ``packed``.
 
 Both are exact: every real token sees the same keys at the same positions as in the padded rows. A micro-batch
 (the train step's split: strided rows k, k+m, ... or contiguous ones) is cut into ``blocks`` blocks of consecutive
-rows, one per batch shard, and each block is planned alone, so the gathers stay within a shard. Shapes are bucketed
-(L to a multiple of ``row_multiple``, R and N by ``bucket``) so a run compiles few variants.
+rows, one per batch shard, and each block is planned alone, so the gathers stay within a shard. Attention runs by
+chunks of ``row_multiple`` tokens over the fewest static key chunks that cover every visible key (``chunk_window``).
+Shapes are bucketed (L to a multiple of ``row_multiple``, R, N and the window by ``bucket``) so a run compiles few
+variants.
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ from grpo_jax.models.packed import Plan
 from grpo_jax.multihost import to_host
 
 LayoutKind = Literal["padded", "packed", "shared_prompt"]
-LAYOUTS: tuple[str, ...] = ("padded", "packed", "shared_prompt")
 
 
 def bucket(n: int) -> int:

@@ -9,7 +9,8 @@ iff
     segment[j] == segment[i] != 0,  j <= i,  branch[j] in {0, branch[i]}
 
 and every token carries its position in its own unpacked sequence, so each real token's hidden state equals the
-padded computation's. Then ``logps_BxS[b, t] = log softmax(h[source_n] @ W / temperature)[target_n]`` with
+padded computation's (``chunked_attention`` evaluates this rule over the key chunks the plan says can hold a visible
+key, never the whole row). Then ``logps_BxS[b, t] = log softmax(h[source_n] @ W / temperature)[target_n]`` with
 n = ``slot_BxS[b, t]`` (slot N, one past the targets, reads 0): a slot the plan did not ask for is 0.
 """
 from __future__ import annotations
