@@ -74,9 +74,10 @@ def test_decode_steps_match_the_full_forward(family, tmp_path):
     assert int(cache.index) == D and cache.positions_B.tolist() == [L + D] * G + [4 + D] * G
 
 
-def test_segment_ends_double_from_16_up_to_the_steps():
-    assert segment_ends(0) == () and segment_ends(7) == (7,) and segment_ends(16) == (16,)
-    assert segment_ends(31) == (16, 31) and segment_ends(64) == (16, 32, 64) and segment_ends(100) == (16, 32, 64, 100)
+def test_segment_ends_halve_the_steps_down_to_16_at_most_4_times():
+    assert segment_ends(0) == () and segment_ends(7) == (7,) and segment_ends(31) == (16, 31)
+    assert segment_ends(32) == (16, 32) and segment_ends(100) == (25, 50, 100)
+    assert segment_ends(511) == (64, 128, 256, 511) and segment_ends(1023) == (128, 256, 512, 1023)
 
 
 def cache_free_samples(model, prompts, cfg: SamplingConfig, key):
@@ -102,9 +103,9 @@ def cache_free_samples(model, prompts, cfg: SamplingConfig, key):
 @pytest.mark.parametrize("top_p", [None, 0.9])
 def test_samples_equal_a_cache_free_sampler(top_p):
     model = tiny_model(seed=2)
-    cfg = SamplingConfig(max_new_tokens=20, num_samples=3, temperature=0.8, top_p=top_p, eos_ids=(5, 6, 7),
-                         pad_id=PAD)  # 20 tokens: two cache segments (16, 19 slots)
-    got = generate(model, PROMPTS, max_new_tokens=20, num_samples=3, temperature=0.8, top_p=top_p,
+    cfg = SamplingConfig(max_new_tokens=34, num_samples=3, temperature=0.8, top_p=top_p, eos_ids=(5, 6, 7),
+                         pad_id=PAD)  # 34 tokens: two cache segments (17, 33 slots)
+    got = generate(model, PROMPTS, max_new_tokens=34, num_samples=3, temperature=0.8, top_p=top_p,
                    eos_ids=(5, 6, 7), pad_id=PAD, rng=jax.random.key(4))
     want_tokens, want_logps = cache_free_samples(model, PROMPTS, cfg, jax.random.key(4))
     np.testing.assert_array_equal(got.completion_BxT, want_tokens)
