@@ -44,13 +44,15 @@ def group_attention(q_BxNxH, prompt_k_PxKxLxH, prompt_v_PxKxLxH, prompt_mask_PxL
     allowed_BxLS = jnp.concatenate(allowed, axis=1)
     scores_BxKxRxLS = jnp.where(allowed_BxLS[:, None, None], scores_BxKxRxLS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BxKxRxLS, axis=-1).astype(prompt_v_PxKxLxH.dtype)
-    out_PxGxKxRxH = jnp.einsum("pgkrl,pklh->pgkrh", probs[..., :L].reshape(P, G, K, R, L), prompt_v_PxKxLxH)
+    out_PxGxKxRxH = jnp.einsum("pgkrl,pklh->pgkrh", probs[..., :L].reshape(P, G, K, R, L), prompt_v_PxKxLxH,
+                               preferred_element_type=jnp.float32)
     out_BxKxRxH, start = out_PxGxKxRxH.reshape(B, K, R, H), L
-    for v_BxKxSxH in v_blocks:
+    for v_BxKxSxH in v_blocks:  # the parts summed in float32, rounded once to the compute dtype
         S = v_BxKxSxH.shape[2]
-        out_BxKxRxH = out_BxKxRxH + jnp.einsum("bkrs,bksh->bkrh", probs[..., start:start + S], v_BxKxSxH)
+        out_BxKxRxH = out_BxKxRxH + jnp.einsum("bkrs,bksh->bkrh", probs[..., start:start + S], v_BxKxSxH,
+                                               preferred_element_type=jnp.float32)
         start += S
-    return out_BxKxRxH.reshape(B, N, H)
+    return out_BxKxRxH.reshape(B, N, H).astype(prompt_v_PxKxLxH.dtype)
 
 
 def decode_step(model: CausalLM, layers: tuple[nnx.State, ...], token_B: jax.Array,
