@@ -30,31 +30,38 @@ Then one phase at a time; the peak is resident + the largest phase:
   rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
              XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
              the larger of: the prefill (the prompt rows' cache twice, per-layer buffers and the scan's stacked copy,
-             p*forward(prompt, prompt), last-position logits p*Vt*cb, the scan's slice of one layer), decoding (the KV
-             cache and 4 float32 [p*G, V] sampling buffers). KV cache (``models.cache.GroupKVCache``): the prompt part
-             once per prompt, 2*L*Kt*H*prompt*cb per prompt row, and max_new_tokens - 1 completion slots per sample
+             p*forward(prompt, prompt², 8 + cb), last-position logits p*Vt*cb, the scan's slice of one layer),
+             decoding (the KV cache and 4 float32 [p*G, V] sampling buffers). KV cache
+             (``models.cache.GroupKVCache``): the prompt part once per prompt, 2*L*Kt*H*prompt*cb per prompt row, and
+             max_new_tokens - 1 completion slots per sample
              row, 2*L*Kt*H*(max_new_tokens - 1)*cb. The largest of the training rollout and the eval rollouts (greedy,
              and pass@k samples).
   reference  one micro-batch at a time (b rows: run_setup.logprob_fn): the head [E, Vt] in cb, one layer's weights
-             gathered over fsdp (layer params / t x pb, fsdp > 1), and the larger of a layer's forward b*forward(S, S)
-             and the head's: hidden states and their chunked copy 2*b*S*E*cb and one chunk of float32 logits b*C*Vt*4.
+             gathered over fsdp (layer params / t x pb, fsdp > 1), and the larger of a layer's forward
+             b*forward(S, Σ blocks) and the head's: hidden states and their chunked copy 2*b*S*E*cb and one chunk of
+             float32 logits b*C*Vt*4.
   train      gradients (pb; twice with micro_batches > 1: the accumulator and this micro-batch's), each layer's saved
-             values (remat: its input L*b*S*E*cb; without: L*b*values(S, S)), twice with exactly 2 micro-batches (the
-             scan over the second has one step, XLA inlines it and the two overlap), and the larger of
+             values (remat: its input L*b*S*E*cb; without: L*b*values(S, Σ blocks)), twice with exactly 2 micro-batches
+             (the scan over the second has one step, XLA inlines it and the two overlap), and the larger of
              a layer's backward: its values (recomputed under remat), the MLP-stage cotangents b*S*cb*(2*Ft + E),
                and with fsdp > 1 its weights gathered and their gradient (2 x layer params / t x pb);
              the head's backward, one chunk: two float32 [b, C, Vt] (logits and their gradient; the head is one 2-D
                matmul [b*C, E] @ [E, Vt], whose weight gradient needs no transposed copy -- never [B, S, V], see
                models/logprobs.py), the hidden states and their chunked copy 2*b*S*E*cb, the head [E, Vt] in cb and a
                second copy of its gradient in pb.
-  values(T, keys) per row = T*(Nt*keys*(9 + cb) + cb*(6*Ft + 2*Nt*H + 2*Kt*H + 5*E) + [cb < 4]*8*E): what JAX saves
-             of a layer for its backward (``jax.ad_checkpoint.print_saved_residuals``): the masked float32 scores and
-             their exp, the probabilities in cb and the bool mask [Nt, T, keys] (no flash attention); six F-vectors;
+  values(T, pairs) per row = Nt*pairs*(9 + cb) + T*(cb*(6*Ft + 2*Nt*H + 2*Kt*H + 5*E) + [cb < 4]*8*E): what JAX
+             saves of a layer for its backward (``jax.ad_checkpoint.print_saved_residuals``): the masked float32 scores
+             and their exp, the probabilities in cb and the bool mask of every query block (``pairs`` = the sum of
+             queries x keys over ``score_blocks``: the causal attention's query blocks of ``model.attention_block``
+             positions each see only the keys up to their end; no flash attention); six F-vectors;
              q, the attention output, k, v; the two norms' outputs (2 E-vectors each) and the mid-layer residual; the
              norms' float32 inputs when cb is narrower.
-  forward(T, keys) per row = T*(2*E*cb + max(Nt*keys*(8 + cb), 3*Ft*cb)): a layer run without saving anything: the
-             residual stream in and out, and the larger of attention (float32 scores and softmax, cb probabilities)
-             and the MLP (gate, up, their product).
+  forward(T, pairs, score_bytes) per row = T*2*E*cb + max(Nt*pairs*score_bytes, T*3*Ft*cb): a layer run without
+             saving anything: the residual stream in and out, and the larger of the MLP (gate, up, their product) and
+             attention: one block (the prefill; a training forward of S <= attention_block) holds float32 scores,
+             their softmax and cb probabilities (score_bytes 8 + cb); with several query blocks XLA:CPU schedules
+             them side by side and every block's float32 scores and cb probabilities are live at once (4 + cb on
+             pairs = the sum of queries x keys over the blocks; measured against the compiled reference pass).
 """
 from __future__ import annotations
 
@@ -161,6 +168,13 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> dict[str,
     return sizes
 
 
+def score_blocks(S: int, block: int | None) -> list[int]:
+    """(queries x keys) of each query block of ``transformer.causal_attention`` over S positions: block j holds
+    queries [jb, (j+1)b) over keys [0, (j+1)b) (one block of S x S when ``block`` is None)."""
+    b = S if block is None else block
+    return [min(b, S - s) * min(s + b, S) for s in range(0, S, b)]
+
+
 def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, group_size: int, prompt_len: int,
              max_new_tokens: int, micro_batches: int, beta: float, logprob_chunk: int,
              eval_rollouts: tuple[tuple[int, int], ...] = ()) -> MemoryEstimate:
@@ -175,11 +189,14 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
                          f"micro-batches each divisible by the mesh's data*fsdp = {d}")
     b, C = B // micro_batches // d, min(logprob_chunk, S - 1)
 
-    def values(T: int, keys: int) -> int:
-        return T * (Nt * keys * (9 + cb) + cb * (6 * Ft + 2 * Nt * H + 2 * Kt * H + 5 * E) + (8 * E if cb < 4 else 0))
+    def values(T: int, pairs: int) -> int:
+        return Nt * pairs * (9 + cb) + T * (cb * (6 * Ft + 2 * Nt * H + 2 * Kt * H + 5 * E) + (8 * E if cb < 4 else 0))
 
-    def forward(T: int, keys: int) -> int:
-        return T * (2 * E * cb + max(Nt * keys * (8 + cb), 3 * Ft * cb))
+    def forward(T: int, pairs: int, score_bytes: int) -> int:
+        return T * 2 * E * cb + max(Nt * pairs * score_bytes, T * 3 * Ft * cb)
+
+    blocks = score_blocks(S, cfg.attention_block)  # the training forward's causal attention, block by block
+    score_bytes = (8 if len(blocks) == 1 else 4) + cb
 
     shapes = param_shapes(cfg)
     params = sum(shard_numel(a, s, sizes) for a, s in shapes) * pb
@@ -195,19 +212,19 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
         p = -(-bucket(prompts, 1) // d)  # prompt rows per device, padded as rollout.generate pads them
         slot = 2 * L * Kt * H * cb  # one cached token of one row, all layers
         kv = slot * p * (prompt_len + samples * (max_new_tokens - 1))
-        prefill = 2 * slot * prompt_len * p + p * (forward(prompt_len, prompt_len) + Vt * cb) + layer_t * pb
+        prefill = 2 * slot * prompt_len * p + p * (forward(prompt_len, prompt_len**2, 8 + cb) + Vt * cb) + layer_t * pb
         return kv, decode_w + max(prefill - kv, 4 * p * samples * V * 4)
 
     kv_cache, rollout_work = max((rollout(*r) for r in ((batch_prompts, group_size),) + eval_rollouts), key=sum)
     overlap = 2 if micro_batches == 2 else 1  # the single-step scan over the second micro-batch is inlined
-    saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, S))
-    layer = b * S * cb * (2 * Ft + E) + (b * values(S, S) if cfg.remat else 0) + 2 * gathered
+    saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, sum(blocks)))
+    layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + 2 * gathered
     head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb)
     return MemoryEstimate(
         params=params, optimizer=2 * params, reference=params if beta > 0 else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
-        reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, S), b * (2 * S * E * cb + C * Vt * 4))
-                            if beta > 0 else 0),
+        reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, sum(blocks), score_bytes),
+                                                         b * (2 * S * E * cb + C * Vt * 4)) if beta > 0 else 0),
         gradients=params * (2 if micro_batches > 1 else 1),
         activations=saved + max(layer, head),
     )

@@ -124,6 +124,27 @@ def test_remat_and_unrolled_layers_give_same_logits_and_grads(pair, override, pl
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_blocked_causal_attention_equals_one_block(pair):
+    """Query blocks of 5 over a 16-token left-padded batch (blocks 5, 5, 5, 1, each over its key prefix) give the
+    logits and gradients of one attention over all keys."""
+    _, ours = pair["qwen2"]
+    whole, blocked = _with_config(ours, attention_block=None), _with_config(ours, attention_block=5)
+    tokens, mask = left_padded([16, 9], 16, seed=8)
+
+    def loss(model):  # real positions only: a pad query sees no key, its output is finite but meaningless
+        return jnp.mean(jnp.where(mask[..., None], model(tokens, attention_mask_BxT=mask)[..., :5], 0.0) ** 2)
+
+    n_dots = [str(jax.make_jaxpr(lambda s, g=g: loss(nnx.merge(g, s)))(s)).count("dot_general")
+              for g, s in map(nnx.split, (whole, blocked))]
+    assert n_dots[1] > n_dots[0]  # really blocked
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(blocked(tokens, attention_mask_BxT=mask))[real],
+                               np.asarray(whole(tokens, attention_mask_BxT=mask))[real], atol=1e-5)
+    grad = nnx.jit(nnx.grad(loss))
+    for a, b in zip(jax.tree.leaves(grad(whole)), jax.tree.leaves(grad(blocked))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_bf16_compute_with_fp32_params(tmp_path):
     hf = hf_causal_lm("llama")
     hf.save_pretrained(tmp_path)

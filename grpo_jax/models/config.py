@@ -66,6 +66,9 @@ class ModelConfig:
     param_dtype: DType = "float32"
     remat: bool = False  # jax.checkpoint each layer (recompute activations in the backward pass)
     scan_layers: bool = True  # lax.scan over the layers (compile time flat in depth); False unrolls (faster on CPU)
+    # the full-sequence forward's causal attention in query blocks of this many positions, block j over keys
+    # [0, (j+1)·block) only: the masked upper triangle is never computed (long sequences: 1.6x faster update on CPU)
+    attention_block: int | None = 64
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -76,6 +79,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.attention_block is not None and self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1 or None, got {self.attention_block}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("dtype", "param_dtype"):

@@ -96,6 +96,21 @@ def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, key_mask_BxS, offset) -> jax.Array:
     return out.reshape(B, T, N, H)
 
 
+def causal_attention(key_mask_BxT, block: int | None):
+    """The ``attention`` of a full-sequence forward (no cache): ``attend`` over the same T tokens, in query blocks of
+    ``block`` positions, block j (queries [jb, (j+1)b)) over keys [0, (j+1)b) only. Equal to one ``attend`` over all
+    T keys (the skipped keys are exactly the causally masked ones, whose probabilities are 0) up to the order of the
+    softmax sums; about half the score FLOPs and bytes for T >> block."""
+    def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+        T = q_BxTxNxH.shape[1]
+        keys, values = _heads_first(k_BxTxKxH), _heads_first(v_BxTxKxH)
+        b = T if block is None else block
+        outs = [attend(q_BxTxNxH[:, s:s + b], keys[:, :, :s + b], values[:, :, :s + b], key_mask_BxT[:, :s + b], s)
+                for s in range(0, T, b)]
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return attention
+
+
 def _heads_first(x_BxTxKxH: jax.Array) -> jax.Array:
     return x_BxTxKxH.transpose(0, 2, 1, 3)
 
@@ -163,8 +178,7 @@ class Decoder(nnx.Module):
         if cache is None:
             def body(x, layer_state):
                 p = nnx.merge(graphdef, layer_state)
-                self_attention = cached_attention(lambda k, v: (_heads_first(k), _heads_first(v)), mask_BxT, 0)
-                return decoder_layer(cfg, p, x, cos, sin, self_attention), None
+                return decoder_layer(cfg, p, x, cos, sin, causal_attention(mask_BxT, cfg.attention_block)), None
 
             body = jax.checkpoint(body) if cfg.remat else body
             x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, stack, unroll=1 if cfg.scan_layers else cfg.num_layers)
