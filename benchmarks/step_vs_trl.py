@@ -102,7 +102,8 @@ def trl_worker(folder: str, shape: dict, warmup: int, steps: int) -> dict:
         def on_step_end(self, *_, **__):
             step_s.append(time.perf_counter() - t0[0])
 
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, fp16=False, seed=0, report_to="none", save_strategy="no",
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, fp16=False, seed=0, report_to="none",
+                     save_strategy="no",
                      logging_strategy="no", disable_tqdm=True, max_steps=warmup + steps,
                      per_device_train_batch_size=shape["prompts"] * shape["group"], gradient_accumulation_steps=1,
                      num_generations=shape["group"], max_completion_length=shape["new_tokens"], temperature=1.0,

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_rollout import PROMPTS, tiny_model
 
 from grpo_jax import rollout
 from grpo_jax.models import KVCache, load_hf
@@ -14,6 +13,7 @@ from grpo_jax.models.decode import decode_step, group_attention, segment_ends
 from grpo_jax.models.transformer import attend
 from grpo_jax.rollout import SamplingConfig, bucket, generate, next_token, pad_prompts
 
+from test_rollout import PROMPTS, tiny_model
 from tiny_hf import PAD, hf_causal_lm
 
 
