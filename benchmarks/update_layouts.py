@@ -60,8 +60,9 @@ def rollout_batch(cfg: ModelConfig, prompts: int, G: int, P: int, C: int, seed: 
                  adv=jnp.asarray(rng.normal(size=B), jnp.float32))
 
 
-def setups(cfg: ModelConfig, batch: Batch, G: int, micro: int, chunk: int) -> dict:
-    """Per layout: (the step, its state holder, its planned batch, the reference call, host planning seconds)."""
+def setups(cfg: ModelConfig, batch: Batch, G: int, C: int, micro: int, chunk: int) -> dict:
+    """Per layout: (the step, its state holder, its planned batch, the reference call, host planning seconds); the
+    layouts know the completion's C columns (``rollout.max_new_tokens`` in a run) for the reference pass's plan."""
     graphdef, params = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
     opt = make_optimizer(OptimConfig(lr=1e-5), 100)
     algorithm = make_algorithm(loss=LossConfig(beta=0.04, agg="token-mean"))
@@ -70,7 +71,7 @@ def setups(cfg: ModelConfig, batch: Batch, G: int, micro: int, chunk: int) -> di
         state = init_train_state(params, opt)
         step = make_train_step(graphdef, opt, StepConfig(micro_batches=micro, logprob_chunk=chunk), algorithm,
                                state_sharding=state_sharding(state))
-        layout = None if kind == "padded" else Layout(kind=kind, group_size=G, micro_batches=micro)
+        layout = None if kind == "padded" else Layout(kind=kind, group_size=G, micro_batches=micro, new_tokens=C)
         t0 = time.perf_counter()
         planned = batch if layout is None else with_plan(batch, layout)
         plan_s = time.perf_counter() - t0
@@ -114,7 +115,7 @@ def main(argv=None) -> dict:
     if args.tiny:
         cfg, args.prompts, args.group, args.prompt_len, args.new_tokens, args.runs = TINY, 2, 4, 16, 4, 2
     batch = rollout_batch(cfg, args.prompts, args.group, args.prompt_len, args.new_tokens)
-    result = measure(setups(cfg, batch, args.group, args.micro_batches, 128), args.runs)
+    result = measure(setups(cfg, batch, args.group, args.new_tokens, args.micro_batches, 128), args.runs)
     pad = result["padded"]
     for kind, r in result.items():
         r["speedup_update"] = pad["update"] / r["update"]

@@ -2,17 +2,23 @@
 
 - ``padded``: the [B, S] rows as they are (prompt left-padded, completion right-padded);
 - ``packed``: each row's real tokens as one segment, segments packed (first-fit decreasing) into rows of
-  ``row_factor`` x S tokens: no compute on padding beyond the rows' tails;
+  ``row_factor`` x S tokens, each query attending over the chunks an S-token sequence can touch;
 - ``shared_prompt``: the rows of a group (consecutive ``group_size`` rows) that fall in the same block share their
-  longest common prefix of real tokens (at least the prompt), encoded once; each row's remaining tokens are a
-  branch after it that sees the prefix and itself (``grpo_jax.models.packed``). Padding is dropped as in ``packed``.
+  prompt (their real tokens before the completion column p), encoded once in the row's first ceil(p / chunk)
+  chunks; each row's completion is a branch after it, at a fixed chunk-aligned slot, that sees the prompt and
+  itself (``grpo_jax.models.packed``).
 
 Both are exact: every real token sees the same keys at the same positions as in the padded rows. A micro-batch
 (the train step's split: strided rows k, k+m, ... or contiguous ones) is cut into ``blocks`` blocks of consecutive
 rows, one per batch shard, and each block is planned alone, so the gathers stay within a shard. Attention runs by
-chunks of ``row_multiple`` tokens over the fewest static key chunks that cover every visible key (``chunk_window``).
-Shapes are bucketed (L to a multiple of ``row_multiple``, R, N and the window by ``bucket``) so a run compiles few
-variants.
+chunks of ``row_multiple`` tokens over a static window of key chunks that covers every visible key.
+
+Every static shape of a plan (rows R, row length L, targets N, the chunk window g, w) is a function of the batch's
+shape ([B, S], the completion column p, the group size, micro-batches and blocks), never of its data, so a run whose
+batches keep one shape compiles the step and the reference pass once. The bounds are the worst case: ``packed``
+has ceil(rows / row_factor) rows of row_factor x S tokens (first-fit never needs more), ``shared_prompt`` one row
+per group run with a full completion slot per row. Only rows of one group with different prompts (ragged groups,
+``rollout.dynamic_group``) can need more rows or targets than that; then R and N grow by ``bucket``.
 """
 from __future__ import annotations
 
@@ -37,37 +43,41 @@ def bucket(n: int) -> int:
     return -(-n // k) * k
 
 
+def _at_least(bound: int, needed: int) -> int:
+    """The static ``bound``, or ``bucket(needed)`` when the data exceeds it."""
+    return bound if needed <= bound else bucket(needed)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Segment:
-    """One segment: its tokens, positions and branches, and its targets (source offset within the segment, target
-    token, the padded slots (b, t) that read it)."""
+    """One segment: its tokens, positions and branches and the column of each within its row (from 0), and its
+    targets (source column within the segment, target token, the padded slots (b, t) that read it)."""
 
+    cols: np.ndarray
     tokens: np.ndarray
     positions: np.ndarray
     branch: np.ndarray
     targets: list[tuple[int, int, list[tuple[int, int]]]]
 
+    @property
+    def span(self) -> int:
+        return int(self.cols.max()) + 1 if len(self.cols) else 0
 
-def _segment(tokens_BxS, attn_BxS, want_BxS, rows: list[int]) -> _Segment | None:
-    """The segment of rows that share their longest common prefix of real tokens (one row: the whole row)."""
+
+def _segment(tokens_BxS, attn_BxS, want_BxS, rows: list[int], p: int, base: int, stride: int) -> _Segment:
+    """The segment of ``rows`` (each with a real token; their real tokens before column p are the same): those
+    tokens once at columns 0, 1, ..., then row i's real tokens from column p on as branch i + 1 at columns
+    base + i·stride, ... (one row and p = S: the whole row)."""
     slots = [np.flatnonzero(attn_BxS[b]) for b in rows]
     real = [tokens_BxS[b, s] for b, s in zip(rows, slots)]
-    keep = [i for i, r in enumerate(real) if len(r)]
-    if not keep:
-        return None
-    rows, slots, real = [rows[i] for i in keep], [slots[i] for i in keep], [real[i] for i in keep]
-    prefix = min(len(r) for r in real)
-    for r in real[1:]:
-        diff = np.flatnonzero(r[:prefix] != real[0][:prefix])
-        prefix = int(diff[0]) if len(diff) else prefix
-    parts_t, parts_p, parts_b = [real[0][:prefix]], [np.arange(prefix)], [np.zeros(prefix, np.int64)]
-    starts, shared, targets = [], {}, []
-    offset = prefix
+    prefix = int((slots[0] < p).sum())
+    cols, parts_t, parts_p = [np.arange(prefix)], [real[0][:prefix]], [np.arange(prefix)]
+    parts_b, starts, shared, targets = [np.zeros(prefix, np.int64)], [], {}, []
     for i, r in enumerate(real):
-        starts.append(offset)
         n = len(r) - prefix
-        parts_t.append(r[prefix:]), parts_p.append(np.arange(prefix, len(r))), parts_b.append(np.full(n, i + 1))
-        offset += n
+        starts.append(base + i * stride)
+        cols.append(starts[-1] + np.arange(n)), parts_t.append(r[prefix:])
+        parts_p.append(np.arange(prefix, len(r))), parts_b.append(np.full(n, i + 1))
     for i, (b, s, r) in enumerate(zip(rows, slots, real)):
         wanted = np.flatnonzero(want_BxS[b, s[1:]] & (np.diff(s) == 1)) + 1  # real index j: slot s[j], s[j]-1 real
         for j in wanted.tolist():
@@ -79,7 +89,7 @@ def _segment(tokens_BxS, attn_BxS, want_BxS, rows: list[int]) -> _Segment | None
                 targets[shared[j]][2].append((b, int(s[j])))
             else:
                 targets.append((src, int(r[j]), [(b, int(s[j]))]))
-    return _Segment(np.concatenate(parts_t), np.concatenate(parts_p), np.concatenate(parts_b), targets)
+    return _Segment(*(np.concatenate(x) for x in (cols, parts_t, parts_p, parts_b)), targets)
 
 
 def _pack(lengths: list[int], L: int) -> list[tuple[int, int]]:
@@ -95,19 +105,38 @@ def _pack(lengths: list[int], L: int) -> list[tuple[int, int]]:
     return place
 
 
+def _runs(rows: list[int], key) -> list[list[int]]:
+    """Maximal runs of consecutive ``rows`` with the same ``key(row)``."""
+    runs: list[list[int]] = []
+    for b in rows:
+        if runs and key(runs[-1][-1]) == key(b):
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def _prompt_key(tokens_BxS, attn_BxS, p: int):
+    """A row's real tokens before column p, as a key (rows of a fixed group all have the same one)."""
+    return lambda b: (attn_BxS[b, :p].tobytes(), np.where(attn_BxS[b, :p], tokens_BxS[b, :p], 0).tobytes())
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Layout:
-    """How ``plan`` lays out a batch: ``kind`` (not ``padded``), the rows that may share a prefix (consecutive
-    ``group_size`` rows), and the train step's micro-batch split (``micro_batches``, ``contiguous``) and shards
-    (``blocks`` = the mesh's data x fsdp) that every plan follows."""
+    """How ``plan`` lays out a batch: ``kind`` (not ``padded``), the rows that may share a prompt (consecutive
+    ``group_size`` rows), the train step's micro-batch split (``micro_batches``, ``contiguous``) and shards
+    (``blocks`` = the mesh's data x fsdp) that every plan follows, and where completions start: the last
+    ``new_tokens`` columns (``rollout.max_new_tokens``; what the reference pass, whose every real slot is wanted,
+    needs), or without it the first column where any row's ``want`` is set (the train step's loss mask)."""
 
     kind: LayoutKind
     group_size: int = 1
     micro_batches: int = 1
     contiguous: bool = False
     blocks: int = 1
-    row_multiple: int = 32  # L is a multiple of it; also the attention's chunk (query and key blocks)
-    row_factor: int = 4  # packed: rows of row_factor x S tokens (several sequences each); shared_prompt: 1 group
+    row_multiple: int = 32  # the attention's chunk (query and key blocks); L and shared_prompt's slots align to it
+    row_factor: int = 4  # packed: rows of row_factor x S tokens (several sequences each)
+    new_tokens: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("packed", "shared_prompt"):
@@ -116,6 +145,8 @@ class Layout:
         if min(self.group_size, self.micro_batches, self.blocks, self.row_multiple, self.row_factor) < 1:
             raise ValueError(f"Layout: group_size, micro_batches, blocks, row_multiple and row_factor must be >= 1, "
                              f"got {self}")
+        if self.new_tokens is not None and self.new_tokens < 1:
+            raise ValueError(f"Layout.new_tokens must be None or >= 1, got {self.new_tokens}")
 
     def block_rows(self, B: int) -> list[list[list[int]]]:
         """rows[k][d]: the padded rows of block d of micro-batch k, in the order the step sees them."""
@@ -127,34 +158,65 @@ class Layout:
         per = B // (m * D)
         return [[rows[d * per:(d + 1) * per] for d in range(D)] for rows in micro]
 
-    def segments(self, tokens_BxS, attn_BxS, want_BxS, rows: list[int]) -> list[_Segment]:
-        """A block's segments: each row alone (``packed``), or each run of rows of one group (``shared_prompt``)."""
-        G = self.group_size if self.kind == "shared_prompt" else 1
-        runs: list[list[int]] = []
-        for b in rows:
-            if runs and runs[-1][-1] // G == b // G:
-                runs[-1].append(b)
-            else:
-                runs.append([b])
-        return [s for run in runs if (s := _segment(tokens_BxS, attn_BxS, want_BxS, run)) is not None]
+    def completion_column(self, want_BxS: np.ndarray) -> int:
+        """p: the column where completions start (S - ``new_tokens``, else the first column with a wanted slot)."""
+        S = want_BxS.shape[1]
+        if self.new_tokens is not None:
+            if self.new_tokens > S:
+                raise ValueError(f"Layout.new_tokens={self.new_tokens} is more than the batch's {S} columns")
+            return S - self.new_tokens
+        cols = np.flatnonzero(want_BxS.any(axis=0))
+        return int(cols[0]) if len(cols) else S
 
     def plan(self, tokens_BxS, attn_BxS, want_BxS) -> Plan:
         """The plan (numpy arrays) of a [B, S] batch: ``attn_BxS`` its real tokens, ``want_BxS`` the slots whose
         log-prob is needed (only those where the slot and its predecessor are real are taken)."""
         tokens_BxS, attn_BxS = np.asarray(tokens_BxS), np.asarray(attn_BxS).astype(bool)
         want_BxS = np.asarray(want_BxS).astype(bool)
-        B, S = tokens_BxS.shape
-        blocks = [[self.segments(tokens_BxS, attn_BxS, want_BxS, rows) for rows in micro]
-                  for micro in self.block_rows(B)]
-        longest = max([len(s.tokens) for micro in blocks for segs in micro for s in segs], default=1)
-        L = max(longest, self.row_factor * S if self.kind == "packed" else 0)
-        L = -(-L // self.row_multiple) * self.row_multiple
-        places = [[_pack([len(s.tokens) for s in segs], L) for segs in micro] for micro in blocks]
-        R = bucket(max([r + 1 for micro in places for p in micro for r, _ in p], default=1))
-        N = bucket(max(sum(len(s.targets) for s in segs) for micro in blocks for segs in micro))
-        return self._fill(blocks, places, (B, S, R, L, N))
+        p = self.completion_column(want_BxS)
+        plan = self._packed if self.kind == "packed" else self._shared_prompt
+        return plan(tokens_BxS, attn_BxS, want_BxS, p)
 
-    def _fill(self, blocks, places, shape) -> Plan:
+    def _packed(self, tokens_BxS, attn_BxS, want_BxS, p: int) -> Plan:
+        """Rows of L = row_factor·S tokens (rounded up to a chunk), R = ceil(rows / row_factor) of them per block (a
+        row with fewer than row_factor sequences of <= S tokens has S free, so first-fit opens no row before each
+        holds row_factor), N = rows x the columns that can hold a target; g = 0 and w = the most chunks a sequence of
+        S tokens can touch."""
+        B, S = tokens_BxS.shape
+        C, f = self.row_multiple, self.row_factor
+        L = -(-f * S // C) * C
+        blocks = [[[_segment(tokens_BxS, attn_BxS, want_BxS, [b], S, 0, 0) for b in rows if attn_BxS[b].any()]
+                   for rows in micro] for micro in self.block_rows(B)]
+        places = [[_pack([s.span for s in segs], L) for segs in micro] for micro in blocks]
+        per = B // (self.micro_batches * self.blocks)
+        first = 1 if want_BxS[:, :p].any() else max(p, 1)  # the first column that can hold a target
+        R = _at_least(-(-per // f), max([r + 1 for micro in places for pl in micro for r, _ in pl], default=1))
+        N = _at_least(per * (S - first), max(sum(len(s.targets) for s in segs) for micro in blocks for segs in micro))
+        return self._fill(blocks, places, (B, S, R, L, N), (0, min(L // C, (S + C - 2) // C + 1)))
+
+    def _shared_prompt(self, tokens_BxS, attn_BxS, want_BxS, p: int) -> Plan:
+        """One row per run of a group's rows in a block: the prompt (columns < p) in its first g = ceil(p / C)
+        chunks, row i's completion (columns >= p, T = S - p) at g·C + i·round_up(T, C): L = g·C + (longest run)·
+        round_up(T, C), and a query sees the g prompt chunks and the w = round_up(T, C) / C chunks of its slot."""
+        B, S = tokens_BxS.shape
+        C, G = self.row_multiple, self.group_size
+        g, stride = -(-p // C), -(-(S - p) // C) * C
+        runs = [[_runs(rows, lambda b: b // G) for rows in micro] for micro in self.block_rows(B)]  # one group each
+        same = _prompt_key(tokens_BxS, attn_BxS, p)  # a run of one group's rows is cut where the prompt differs
+        L = g * C + stride * max(len(run) for micro in runs for block in micro for run in block)
+        blocks = [[[_segment(tokens_BxS, attn_BxS, want_BxS, rows, p, g * C, stride) for run in block
+                    for rows in _runs([b for b in run if attn_BxS[b].any()], same)]
+                   for block in micro] for micro in runs]
+        places = [[[(r, 0) for r in range(len(segs))] for segs in micro] for micro in blocks]
+        prompt_targets = max(p - 1, 0) if want_BxS[:, :p].any() else 0  # once per run
+        R = _at_least(max(len(block) for micro in runs for block in micro),
+                      max(len(segs) for micro in blocks for segs in micro))
+        N = _at_least(max(len(block) * prompt_targets + sum(map(len, block)) * (S - p) for micro in runs
+                          for block in micro),
+                      max(sum(len(s.targets) for s in segs) for micro in blocks for segs in micro))
+        return self._fill(blocks, places, (B, S, R, L, N), (g, max(stride // C, 1)))
+
+    def _fill(self, blocks, places, shape, window) -> Plan:
         B, S, R, L, N = shape
         m, D = self.micro_batches, self.blocks
         rows = {k: np.zeros((m, D, R, L), np.int32) for k in ("tokens", "positions", "segment", "branch")}
@@ -163,11 +225,10 @@ class Layout:
         for k, d in np.ndindex(m, D):
             count, used = 0, np.zeros(R, np.int32)
             for seg, (r, off) in zip(blocks[k][d], places[k][d]):
-                span = slice(off, off + len(seg.tokens))
                 used[r] += 1
                 for name, x in (("tokens", seg.tokens), ("positions", seg.positions), ("branch", seg.branch),
                                 ("segment", used[r])):
-                    rows[name][k, d, r, span] = x
+                    rows[name][k, d, r, off + seg.cols] = x
                 for src, tgt, slots in seg.targets:
                     source[k, d, count], target[k, d, count] = r * L + off + src, tgt
                     for b, t in slots:
@@ -178,33 +239,10 @@ class Layout:
             x = x if self.contiguous else x.swapaxes(0, 1)
             return x.reshape((m * D,) + x.shape[2:])
 
-        g, w = chunk_window(rows["segment"].reshape(-1, L), rows["branch"].reshape(-1, L), self.row_multiple)
         return Plan(tokens_XxRxL=order(rows["tokens"]), positions_XxRxL=order(rows["positions"]),
                     segment_XxRxL=order(rows["segment"]), branch_XxRxL=order(rows["branch"]),
                     source_XxN=order(source), target_XxN=order(target), slot_BxS=slot, chunk=self.row_multiple,
-                    global_chunks=g, window_chunks=w)
-
-
-def chunk_window(segment_RxL: np.ndarray, branch_RxL: np.ndarray, chunk: int) -> tuple[int, int]:
-    """(g, w): the fewest key chunks g + w such that every key a query may see (the mask rule of
-    ``grpo_jax.models.packed``) lies in its row's first g chunks or in the w chunks ending at the query's own chunk
-    (chunks of ``chunk`` tokens; w bucketed). Packed sequences need g = 0 and w = ceil(longest / chunk) + 1; a row
-    of one group's shared prompt needs g = the prompt's chunks and w = a completion's chunks + 1."""
-    R, L = segment_RxL.shape
-    J = L // chunk
-    causal = np.tril(np.ones((L, L), bool))
-    needed_RxJxJ = np.zeros((R, J, J), bool)
-    for r in range(R):  # one row's L x L mask at a time
-        s, b = segment_RxL[r], branch_RxL[r]
-        allowed = (s[:, None] == s[None]) & (s[None] != 0) & ((b[None] == 0) | (b[None] == b[:, None])) & causal
-        needed_RxJxJ[r] = allowed.reshape(J, chunk, J, chunk).any(axis=(1, 3))
-    best = (J + 1, 0, J)
-    for g in range(J + 1):
-        beyond = np.pad(needed_RxJxJ[..., g:], ((0, 0), (0, 0), (0, 1)))  # needed chunks n >= g: w >= j - n + 1
-        first = np.where(beyond.any(-1), np.argmax(beyond, axis=-1) + g, np.arange(J))
-        w = bucket(int((np.arange(J) - first).max()) + 1)
-        best = min(best, (g + w, g, w))
-    return best[1], best[2]
+                    global_chunks=window[0], window_chunks=window[1])
 
 
 def place(plan: Plan, mesh) -> Plan:

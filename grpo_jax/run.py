@@ -105,7 +105,8 @@ def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
     if cfg.train.layout == "padded":
         return state, step, None
     layout = Layout(kind=cfg.train.layout, group_size=cfg.rollout.group_size, micro_batches=step_cfg.micro_batches,
-                    contiguous=contiguous_split(algorithm, step_cfg), blocks=batch_size_multiple(mesh))
+                    contiguous=contiguous_split(algorithm, step_cfg), blocks=batch_size_multiple(mesh),
+                    new_tokens=cfg.rollout.max_new_tokens)
     return state, planned_step(step, layout, mesh), layout
 
 

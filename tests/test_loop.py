@@ -67,14 +67,15 @@ def test_sigterm_saves_and_exits_143(tmp_path, cache):
     assert saved >= 2 and (run_dir / "checkpoints" / str(saved)).exists()
 
 
-def varying_prompts_run(tmp_path, steps: int, **rollout) -> list[dict]:
-    """A run on a gsm8k-format local file with questions from 5 to ~90 characters (several length buckets)."""
+def varying_prompts_run(tmp_path, steps: int, layout: str = "padded", **rollout) -> list[dict]:
+    """A run (``train.layout``) on a gsm8k-format local file with questions from 5 to ~90 characters (several length
+    buckets)."""
     rng = np.random.default_rng(0)
     rows = [{"question": "x" * int(n), "answer": f"#### {i}"} for i, n in enumerate(rng.integers(5, 90, 64))]
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tiny_experiment(data={"task": "gsm8k", "source": str(data), "held_out_fraction": 0.0},
-                          train={"steps": steps, "batch_prompts": 2}, checkpoint={"every": 100})
+                          train={"steps": steps, "batch_prompts": 2, "layout": layout}, checkpoint={"every": 100})
     cfg["data"].pop("difficulty"), cfg["data"].pop("num_examples")
     cfg["rollout"] |= rollout
     from grpo_jax.config import from_dict

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from grpo_jax.algorithms import make_algorithm
-from grpo_jax.layout import Layout, bucket, chunk_window, with_plan
+from grpo_jax.layout import Layout, bucket, with_plan
 from grpo_jax.losses import LossConfig
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import ModelConfig, build_model, token_logprobs
@@ -59,42 +59,69 @@ def test_bucket():
 
 
 def test_shared_prompt_plan_of_a_hand_made_batch():
-    # group 1: rows 0, 1 = prompt [5, 6] + [7, 8] / [7, 9, 4]: shared prefix [5, 6, 7], branches [8] and [9, 4]
-    # group 2: rows 2, 3 = prompt [3] + [2] / [5, 6]: shared prefix [3], branches [2] and [5, 6]
+    # completions in the last 3 columns (p = 3), chunks of 4: a row per group, its prompt in chunk 0 (g = 1), the
+    # completions at columns 4 and 8 (slots of round_up(3, 4) = 4): L = 4 + 2·4 = 12, w = 1
+    # group 1: rows 0, 1 = prompt [5, 6] + [7, 8] / [7, 9, 4]; group 2: rows 2, 3 = prompt [3] + [2] / [5, 6]
     tokens = np.array([[0, 5, 6, 7, 8, 0], [0, 5, 6, 7, 9, 4], [0, 0, 3, 2, 0, 0], [0, 0, 3, 5, 6, 0]])
-    plan = Layout(kind="shared_prompt", group_size=2, row_multiple=8).plan(tokens, tokens > 0, tokens > 0)
-    # longest segment 6 -> L = 8; first-fit decreasing: segment 1 (6 tokens) row 0, segment 2 (4) does not fit the
-    # 2 free tokens of row 0 -> row 1; R = bucket(2) = 2
-    np.testing.assert_array_equal(plan.tokens_XxRxL[0], [[5, 6, 7, 8, 9, 4, 0, 0], [3, 2, 5, 6, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(plan.positions_XxRxL[0], [[0, 1, 2, 3, 3, 4, 0, 0], [0, 1, 1, 2, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(plan.branch_XxRxL[0], [[0, 0, 0, 1, 2, 2, 0, 0], [0, 1, 2, 2, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(plan.segment_XxRxL[0], [[1] * 6 + [0] * 2, [1] * 4 + [0] * 4])
-    assert (plan.chunk, plan.global_chunks, plan.window_chunks) == (8, 0, 1)  # one chunk of 8 per row
-    # targets (source = flat r * 8 + l, token): 6 and 7 inside the prefix once for both rows; 8 and 9 after the
-    # prefix's last token (l 2); 4 after 9 (l 4); row 2's 2 and row 3's 5 after [3] (8 + 0); row 3's 6 after 5 (8 + 2)
-    np.testing.assert_array_equal(plan.source_XxN[0], [0, 1, 2, 2, 4, 8, 8, 10])
-    np.testing.assert_array_equal(plan.target_XxN[0], [6, 7, 8, 9, 4, 2, 5, 6])
-    none = 8  # N = bucket(8) targets; slot N reads 0
-    np.testing.assert_array_equal(plan.slot_BxS, [[none, none, 0, 1, 2, none], [none, none, 0, 1, 3, 4],
-                                                  [none, none, none, 5, none, none], [none, none, none, 6, 7, none]])
+    layout = Layout(kind="shared_prompt", group_size=2, row_multiple=4, new_tokens=3)
+    plan = layout.plan(tokens, tokens > 0, tokens > 0)
+    np.testing.assert_array_equal(plan.tokens_XxRxL[0], [[5, 6, 0, 0, 7, 8, 0, 0, 7, 9, 4, 0],
+                                                         [3, 0, 0, 0, 2, 0, 0, 0, 5, 6, 0, 0]])
+    np.testing.assert_array_equal(plan.positions_XxRxL[0], [[0, 1, 0, 0, 2, 3, 0, 0, 2, 3, 4, 0],
+                                                            [0, 0, 0, 0, 1, 0, 0, 0, 1, 2, 0, 0]])
+    np.testing.assert_array_equal(plan.branch_XxRxL[0], [[0, 0, 0, 0, 1, 1, 0, 0, 2, 2, 2, 0],
+                                                         [0, 0, 0, 0, 1, 0, 0, 0, 2, 2, 0, 0]])
+    np.testing.assert_array_equal(plan.segment_XxRxL[0], plan.tokens_XxRxL[0] > 0)
+    assert (plan.chunk, plan.global_chunks, plan.window_chunks) == (4, 1, 1)
+    # targets (source = flat r * 12 + l, token): 6 inside the prompt once for both rows; 7 after the prompt's last
+    # token (l 1) for each row; 8 after 7 (l 4); 9 after 7 (l 8), 4 after 9 (l 9); row 2's 2 and row 3's 5 after
+    # [3] (12 + 0); row 3's 6 after 5 (12 + 8)
+    np.testing.assert_array_equal(plan.source_XxN[0, :9], [0, 1, 4, 1, 8, 9, 12, 12, 20])
+    np.testing.assert_array_equal(plan.target_XxN[0, :9], [6, 7, 8, 7, 9, 4, 2, 5, 6])
+    none = 16  # N = 2 runs x 2 prompt targets (columns 1, 2) + 4 rows x 3 completion columns; slot N reads 0
+    assert plan.source_XxN.shape == (1, none)
+    np.testing.assert_array_equal(plan.slot_BxS, [[none, none, 0, 1, 2, none], [none, none, 0, 3, 4, 5],
+                                                  [none, none, none, 6, none, none], [none, none, none, 7, 8, none]])
+    loss_mask = (tokens > 0) & (np.arange(6) >= 3)  # the train step: p = the first loss column, no prompt targets
+    assert layout.plan(tokens, tokens > 0, loss_mask).source_XxN.shape == (1, 12)
+    assert dataclasses.replace(layout, new_tokens=None).plan(tokens, tokens > 0, loss_mask).tokens_XxRxL.shape[-1] == 12
     packed = Layout(kind="packed", row_multiple=8, row_factor=1).plan(tokens, tokens > 0, tokens > 0)
-    # one segment per row, lengths 4, 5, 2, 3; first-fit decreasing: 5 -> row 0, 4 -> row 1, 3 -> row 0, 2 -> row 1
-    np.testing.assert_array_equal(packed.tokens_XxRxL[0], [[5, 6, 7, 9, 4, 3, 5, 6], [5, 6, 7, 8, 3, 2, 0, 0]])
-    np.testing.assert_array_equal(packed.segment_XxRxL[0], [[1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2])
-    np.testing.assert_array_equal(packed.positions_XxRxL[0], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]])
+    # one segment per row, lengths 4, 5, 2, 3; first-fit decreasing: 5 -> row 0, 4 -> row 1, 3 -> row 0, 2 -> row 1;
+    # R = 4 (the worst case: 4 rows of 6 real tokens), N = 4 rows x 5 columns that can be a target
+    np.testing.assert_array_equal(packed.tokens_XxRxL[0], [[5, 6, 7, 9, 4, 3, 5, 6], [5, 6, 7, 8, 3, 2, 0, 0]]
+                                  + [[0] * 8] * 2)
+    np.testing.assert_array_equal(packed.segment_XxRxL[0, :2], [[1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2])
+    np.testing.assert_array_equal(packed.positions_XxRxL[0, :2], [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]])
+    assert packed.source_XxN.shape == (1, 20) and (packed.global_chunks, packed.window_chunks) == (0, 1)
 
 
-def test_chunk_window_of_hand_made_rows():
-    """Chunks of 4 tokens. Row 0: segments 1 (chunk 0), 2 (chunks 1-2), 3 (chunk 3): a window of 2 chunks (query
-    chunk 2 needs chunk 1). Row 1: one segment, prefix at 0-5, branch 1 at 6-8, branch 2 at 9-11: query chunk 2
-    (tokens 8-11) needs chunks 0, 1, 2: g = 0 and w = 3, or g = 1 and w = 2 (the same 3 chunks: the smaller g)."""
-    segment = np.array([[1] * 4 + [2] * 8 + [3] * 4, [1] * 12 + [0] * 4])
-    branch = np.array([[0] * 16, [0] * 6 + [1] * 3 + [2] * 3 + [0] * 4])
-    assert chunk_window(segment[:1], branch[:1], 4) == (0, 2)
-    assert chunk_window(segment, branch, 4) == (0, 3)
-    # one group per row: a prompt of 3 chunks, then branches of 3 tokens across chunk edges: g = 3, w = 2 (5 of 6)
-    segment, branch = np.ones((1, 24), int), np.array([[0] * 12 + [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]])
-    assert chunk_window(segment, branch, 4) == (3, 2)
+def assert_window_covers_every_visible_key(plan):
+    """Every key a query may see (the mask rule of ``grpo_jax.models.packed``) lies in its row's first g chunks or in
+    the w chunks ending at the query's own chunk."""
+    C, g, w = plan.chunk, plan.global_chunks, plan.window_chunks
+    L = plan.tokens_XxRxL.shape[-1]
+    J = L // C
+    for s, b in zip(plan.segment_XxRxL.reshape(-1, L), plan.branch_XxRxL.reshape(-1, L)):
+        allowed = ((s[:, None] == s[None]) & (s[None] != 0) & ((b[None] == 0) | (b[None] == b[:, None]))
+                   & np.tril(np.ones((L, L), bool)))
+        j, n = np.nonzero(allowed.reshape(J, C, J, C).any(axis=(1, 3)))
+        assert ((n < g) | (n > j - w)).all(), (g, w, list(zip(j, n)))
+
+
+@pytest.mark.parametrize("kind", ["packed", "shared_prompt"])
+def test_plan_shapes_depend_on_the_batch_shape_only(kind):
+    """Batches of one shape with other prompt and completion lengths (and completions that start alike): the same
+    R, L, N, g and w for the train step (want = loss mask) and the reference pass (want = every real slot)."""
+    shapes = set()
+    for seed in range(4):
+        b = grouped_batch(seed)
+        for want, new_tokens in ((b.loss_mask_BxS, None), (b.attn_mask_BxS, T)):
+            layout = Layout(kind=kind, group_size=G, micro_batches=2, blocks=4, row_multiple=4, new_tokens=new_tokens)
+            plan = layout.plan(b.tokens_BxS, b.attn_mask_BxS, want)
+            assert_window_covers_every_visible_key(plan)
+            shapes.add((new_tokens, plan.tokens_XxRxL.shape, plan.source_XxN.shape, plan.global_chunks,
+                        plan.window_chunks))
+    assert len(shapes) == 2, shapes
 
 
 def test_blocks_follow_the_micro_batch_split():
@@ -105,17 +132,20 @@ def test_blocks_follow_the_micro_batch_split():
         Layout(kind="packed", micro_batches=2, blocks=4).block_rows(12)
 
 
-@pytest.mark.parametrize("kind, row_factor", [("packed", 1), ("packed", 3), ("shared_prompt", 1)])
-def test_logprobs_and_entropy_equal_the_padded_rows_on_8_devices(kind, row_factor):
+@pytest.mark.parametrize("kind, row_factor, new_tokens", [("packed", 1, None), ("packed", 3, None),
+                                                          ("shared_prompt", 1, T), ("shared_prompt", 1, None)])
+def test_logprobs_and_entropy_equal_the_padded_rows_on_8_devices(kind, row_factor, new_tokens):
     """Chunks of 4 tokens: packed rows of S = 13 -> 16 tokens (window = the whole row) or 3 S = 39 -> 40 tokens (a
-    window of 4 of the 10 chunks), one group's shared prompt per row (its first chunk and a window: 5 of 6)."""
+    window of 4 of the 10 chunks); one group per row: its prompt (7 columns) in 2 chunks, then 4 completion slots of
+    2 chunks (a window of 2 + 2 of 10), or with p = the first real column, no prompt and slots of 4 chunks."""
     mesh = make_mesh(8)
     graphdef, params = tiny_model(mesh)
     b = shard_batch(grouped_batch(), mesh)
-    layout = Layout(kind=kind, group_size=G, blocks=8, row_multiple=4, row_factor=row_factor)
+    layout = Layout(kind=kind, group_size=G, blocks=8, row_multiple=4, row_factor=row_factor, new_tokens=new_tokens)
     plan = layout.plan(b.tokens_BxS, b.attn_mask_BxS, b.attn_mask_BxS)
     J = plan.tokens_XxRxL.shape[-1] // 4
     assert plan.global_chunks + plan.window_chunks < J or (kind, row_factor) == ("packed", 1)
+    assert_window_covers_every_visible_key(plan)
     plan = shard_batch(plan, mesh)
 
     @jax.jit
@@ -172,7 +202,8 @@ def test_reference_pass_through_a_layout_equals_the_padded_one(kind):
     graphdef, params = tiny_model(mesh)
     b = shard_batch(grouped_batch(), mesh)
     padded = logprob_fn(graphdef, 1.0, 8)(params, b.tokens_BxS, b.attn_mask_BxS)
-    layout = Layout(kind=kind, group_size=G, micro_batches=2, contiguous=True, blocks=8, row_multiple=4)  # strided
+    layout = Layout(kind=kind, group_size=G, micro_batches=2, contiguous=True, blocks=8, row_multiple=4,  # strided
+                    new_tokens=T)
     packed = logprob_fn(graphdef, 1.0, 8, 2, layout, mesh)(params, b.tokens_BxS, b.attn_mask_BxS)
     np.testing.assert_allclose(packed, padded, atol=TOL)
 
@@ -219,3 +250,13 @@ def test_train_runs_of_each_layout_log_the_padded_metrics(tmp_path):
             assert new["length/mean"] == pad["length/mean"]  # same samples
             for key in ("train/loss", "train/kl", "train/grad_norm", "train/entropy", "reward/total/mean"):
                 assert abs(new[key] - pad[key]) <= 1e-5 * max(1.0, abs(pad[key])), (layout, key, new[key], pad[key])
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_fixed_prompt_len_never_recompiles_after_the_first_step(tmp_path, layout):
+    """30 steps over prompts of 5-90 tokens padded to one length: the step and the reference pass of the layout
+    compile in step 1 only, whatever the prompt and completion lengths."""
+    from test_loop import varying_prompts_run
+
+    rows = varying_prompts_run(tmp_path, 30, layout=layout, fixed_prompt_len=True)
+    assert len(rows) == 30 and [r["compiles"] for r in rows] == [rows[0]["compiles"]] * 30

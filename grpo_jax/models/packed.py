@@ -45,10 +45,10 @@ class Plan(struct.PyTreeNode):
 def chunked_attention(segment_RxL, branch_RxL, C: int, g: int, w: int):
     """The ``attention`` callable of ``decoder_layer`` over packed rows, by chunks of C tokens: the queries of chunk j
     see the keys of the row's first g chunks and of chunks j-w+1 .. j (those below g or 0 once only), with the
-    module's mask rule inside them. The plan guarantees (``grpo_jax.layout.chunk_window``) that every visible key is
-    there, so this is the softmax over the whole row at (g + w)·C instead of L keys per query; all slices are
-    static (no gather, no scatter in the backward pass). GQA, softmax in float32; a query that sees no key
-    (padding) gets a finite, meaningless output."""
+    module's mask rule inside them. The plan guarantees (``grpo_jax.layout``: g and w from the batch's shape) that
+    every visible key is there, so this is the softmax over the whole row at (g + w)·C instead of L keys per query;
+    all slices are static (no gather, no scatter in the backward pass). GQA, softmax in float32; a query that sees
+    no key (padding) gets a finite, meaningless output."""
     R, L = segment_RxL.shape
     J = L // C
 
