@@ -59,9 +59,8 @@ Then one phase at a time; the peak is resident + the largest phase:
   forward(T, pairs, score_bytes) per row = T*2*E*cb + max(Nt*pairs*score_bytes, T*3*Ft*cb): a layer run without
              saving anything: the residual stream in and out, and the larger of the MLP (gate, up, their product) and
              attention: one block (the prefill; a training forward of S <= attention_block) holds float32 scores,
-             their softmax and cb probabilities (score_bytes 8 + cb); with several query blocks XLA:CPU schedules
-             them side by side and every block's float32 scores and cb probabilities are live at once (4 + cb on
-             pairs = the sum of queries x keys over the blocks; measured against the compiled reference pass).
+             their softmax and cb probabilities (score_bytes 8 + cb); several query blocks run side by side on
+             XLA:CPU, all blocks' float32 scores and cb probabilities live at once (4 + cb, measured).
 """
 from __future__ import annotations
 
@@ -197,7 +196,6 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
 
     blocks = score_blocks(S, cfg.attention_block)  # the training forward's causal attention, block by block
     score_bytes = (8 if len(blocks) == 1 else 4) + cb
-
     shapes = param_shapes(cfg)
     params = sum(shard_numel(a, s, sizes) for a, s in shapes) * pb
     stacked = sum(shard_numel(a, s, sizes) for a, s in shapes if a[0] == "layers") * pb
@@ -224,7 +222,7 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
         params=params, optimizer=2 * params, reference=params if beta > 0 else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
         reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, sum(blocks), score_bytes),
-                                                         b * (2 * S * E * cb + C * Vt * 4)) if beta > 0 else 0),
+                                                         b * (2 * S * E * cb + C * Vt * 4))) * (beta > 0),
         gradients=params * (2 if micro_batches > 1 else 1),
         activations=saved + max(layer, head),
     )
