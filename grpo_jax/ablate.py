@@ -130,8 +130,8 @@ def run_grid(folder: Path, out: storage.Location, ab: AblationConfig, *, quick: 
         key = _warm_key(cfg)
         if key in warm and not (run_dir / "warm_start").exists():
             storage.copy_tree(warm[key] / "warm_start", run_dir / "warm_start")
-        rows = read_metrics(run_dir)
-        if rows and rows[-1]["step"] == cfg.train.steps:
+        rows = read_metrics(run_dir)  # complete = every step logged and train() returned (its export written)
+        if rows and rows[-1]["step"] == cfg.train.steps and (run_dir / "summary.json").exists():
             log.info("ablation: %s seed %d is complete; skipped", name, seed)
         else:
             log.info("ablation: run %d/%d: %s seed %d -> %s", i + 1, len(runs), name, seed, run_dir)
