@@ -32,8 +32,11 @@ def policy_loss_terms(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
+    weight_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-token policy loss ``loss_BxT`` (masked positions 0) and merge-able stats; see ``policy_loss``."""
+    """Per-token policy loss ``loss_BxT`` (masked positions 0) and merge-able stats; see ``policy_loss``. With
+    ``weight_BxT`` (e.g. ``correction_terms``' off-policy weights) ℓ_it <- sg(w_it)·ℓ_it after the clip and dual
+    clip; the stats (clip fractions, ratios) stay over every valid token."""
     check_choice("kind", kind, PolicyKind)
     if not clip_low > 0:
         raise ValueError(f"clip_low must be > 0, got {clip_low}")
@@ -64,6 +67,8 @@ def policy_loss_terms(
         dual = (A < 0) & (loss > -dual_clip * A)
         loss = jnp.where(dual, -dual_clip * A, loss)
         stats["dual_clip_sum"] = jnp.sum(dual & mask, dtype=jnp.float32)
+    if weight_BxT is not None:
+        loss = loss * sg(jnp.where(mask, as_f32("weight_BxT", weight_BxT, shape), 0.0))
     loss = jnp.where(mask, loss, 0.0)
     r = sg(ratio)
     stats |= {
