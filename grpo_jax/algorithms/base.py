@@ -8,8 +8,8 @@ An algorithm owns four things; the loop and the train step call them and never t
 2. ``assemble``: how a scored rollout (``Scored``) becomes its training ``Batch`` (advantages, GAE, pairs), with the
    host metrics of its advantages;
 3. its objective, per micro-batch, as exact parts: ``forward`` (one decoder pass), ``denominators`` (from the whole
-   batch), ``micro_loss`` (this micro-batch's numerators over those denominators) and ``contiguous`` (micro-batches
-   that must hold whole groups);
+   batch), ``micro_loss`` (this micro-batch's numerators over those denominators), ``contiguous`` (micro-batches
+   that must hold whole groups) and ``needs_proximal`` (π_old of a μ > 1 step is the trainer's policy at its start);
 4. ``finalize``: merged micro-batch stats -> the step's metrics.
 
 ``check_config`` holds the kind's own config rules; ``grpo_jax.algorithms.registry`` maps ``algo.kind`` to the class.
@@ -27,7 +27,7 @@ import numpy as np
 
 from grpo_jax.advantages import RunningMoments, compute_advantages, compute_advantages_with_state
 from grpo_jax.algorithms.config import AlgoConfig
-from grpo_jax.losses import LossConfig, aggregate_parts
+from grpo_jax.losses import LossConfig, OffPolicyConfig, aggregate_parts, mismatch_stats
 from grpo_jax.models import token_logprobs
 from grpo_jax.models.packed import plan_logprobs
 from grpo_jax.rollout import Rollout
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from grpo_jax.experiment import ExperimentConfig
 
 Stats = dict[str, dict[str, jax.Array]]
+# What the mismatch metrics count as truncated (ρ > 2) and masked (ρ outside [0.5, 2]) when no correction is set.
+MEASURED = OffPolicyConfig(weight="truncate", cap=2.0, reject="mask", reject_low=0.5, reject_high=2.0)
 LogProbs = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens_BxS, attn_BxS) -> per-token values [B, S]
 
 
@@ -181,6 +183,21 @@ class Algorithm(abc.ABC):
 
     def check_batch(self, rows: int, micro_batches: int) -> None:
         """Static checks of the batch layout (rows, micro-batches) at trace time."""
+
+    @property
+    def needs_proximal(self) -> bool:
+        """An off-policy correction tells the sampler's log-probs (μ, ``batch.old_logp_BxS``) from the trainer's
+        before the update (π_prox, π_old of the ratio), which the step then keeps for μ > 1."""
+        return self.loss.off_policy is not None
+
+    def rollout_mismatch(self, logp_BxS, mb: Batch) -> dict[str, jax.Array]:
+        """``mismatch_stats`` of the trainer's log-probs (sg(logp)) against the rollout's, when no correction is set
+        (its truncated/masked counts those of ``MEASURED``); with one, the objective computes them from π_prox
+        (``grpo_objective_parts``). Merge-able sums, finalized by ``finalize_objective_stats``."""
+        if self.loss.off_policy is not None:
+            return {}
+        stats = mismatch_stats(jax.lax.stop_gradient(logp_BxS), mb.old_logp_BxS, mb.loss_mask_BxS, MEASURED)
+        return {k: v for k, v in stats.items() if k != "mismatch/weight_sum"}  # no weight is applied
 
     @abc.abstractmethod
     def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens) -> tuple[jax.Array, Stats]:

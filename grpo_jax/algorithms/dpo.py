@@ -87,6 +87,17 @@ class DPO(Paired, Algorithm):
         batch = rollout_batch(scored)
         return self.with_rewards(batch.replace(ref_logp_BxS=self.reference(batch, passes)), scored), moments, {}
 
+    @classmethod
+    def check_config(cls, cfg: ExperimentConfig) -> None:
+        super().check_config(cfg)
+        if cfg.algo.loss.off_policy is not None:
+            raise ValueError("algo.loss.off_policy corrects a policy-gradient term, which algo.kind=dpo has not "
+                             "(online pairs against the reference); remove it, or use algo.kind=hybrid")
+
+    @property
+    def needs_proximal(self) -> bool:
+        return False
+
     def denominators(self, batch: Batch):
         return self.pairs_denominator(batch)
 

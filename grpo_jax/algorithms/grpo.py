@@ -80,8 +80,8 @@ class GRPO(Algorithm):
 
     def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens):
         num, _, stats = grpo_objective_parts(logp_BxS, old_logp_BxS, mb.ref_logp_BxS, mb.adv, mb.loss_mask_BxS,
-                                             self.loss)
-        return num / dens["pg"], {"pg": stats}
+                                             self.loss, behav_logp_BxT=mb.old_logp_BxS)
+        return num / dens["pg"], {"pg": stats | self.rollout_mismatch(logp_BxS, mb)}
 
     def finalize(self, stats):
         return finalize_objective_stats(stats["pg"])

@@ -23,8 +23,10 @@ class Hybrid(Paired, GRPO):
         return super().denominators(batch) | self.pairs_denominator(batch)
 
     def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens):
-        num, _, pg = grpo_objective_parts(logp_BxS, old_logp_BxS, mb.ref_logp_BxS, mb.adv, mb.loss_mask_BxS, self.loss)
+        num, _, pg = grpo_objective_parts(logp_BxS, old_logp_BxS, mb.ref_logp_BxS, mb.adv, mb.loss_mask_BxS, self.loss,
+                                          behav_logp_BxT=mb.old_logp_BxS)
         dpo_part, dpo = pairs_part(self, logp_BxS, mb, dens)
+        pg |= self.rollout_mismatch(logp_BxS, mb)
         return hybrid_loss(num / dens["pg"], dpo_part, alpha=self.algo.dpo.alpha), {"pg": pg, "dpo": dpo}
 
     def finalize(self, stats):

@@ -51,8 +51,8 @@ class PPO(Algorithm):
     def micro_loss(self, logp_BxS, old_logp_BxS, values_BxS, mb: Batch, dens):
         num, _, stats = ppo_objective_parts(logp_BxS, old_logp_BxS, mb.ref_logp_BxS, mb.adv, values_BxS,
                                             mb.old_values_BxS, mb.returns_BxS, mb.loss_mask_BxS, self.loss,
-                                            self.algo.ppo)
-        return num / dens["pg"], {"pg": stats}
+                                            self.algo.ppo, behav_logp_BxT=mb.old_logp_BxS)
+        return num / dens["pg"], {"pg": stats | self.rollout_mismatch(logp_BxS, mb)}
 
     def finalize(self, stats):
         return finalize_ppo_stats(stats["pg"])

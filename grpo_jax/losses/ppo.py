@@ -75,18 +75,22 @@ def ppo_objective_parts(
     mask_BxT: jax.Array,
     loss_cfg: LossConfig,
     ppo_cfg: PPOConfig,
+    *,
+    behav_logp_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(numerator, denominator, stats) of the PPO loss
 
         L = AGG_{i,t}[ ℓ^{clip}_it + β·KL_it + c_v·ℓ^V_it ]
 
     where the first two terms are ``grpo_objective_parts`` with token-level A_it (set loss_cfg.beta = 0 when the KL
-    is in the reward instead), ℓ^V is ``value_loss_terms`` (clip = ppo_cfg.value_clip) and c_v = ppo_cfg.vf_coef.
-    Gradients reach both the policy log-probs and the values. Sum parts over micro-batches, ``merge_stats`` the
-    stats, divide once; ``finalize_ppo_stats`` adds ``vf_loss``.
+    is in the reward instead; ``behav_logp_BxT``: the sampler's log-probs, for ``loss_cfg.off_policy``), ℓ^V is
+    ``value_loss_terms`` (clip = ppo_cfg.value_clip) and c_v = ppo_cfg.vf_coef. Gradients reach both the policy
+    log-probs and the values. Sum parts over micro-batches, ``merge_stats`` the stats, divide once;
+    ``finalize_ppo_stats`` adds ``vf_loss``.
     """
     mask = as_mask(mask_BxT)
-    num, den, stats = grpo_objective_parts(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, mask, loss_cfg)
+    num, den, stats = grpo_objective_parts(logp_BxT, old_logp_BxT, ref_logp_BxT, adv_BxT, mask, loss_cfg,
+                                           behav_logp_BxT=behav_logp_BxT)
     vf_BxT = value_loss_terms(values_BxT, old_values_BxT, returns_BxT, mask, clip=ppo_cfg.value_clip)
     vf_num, _ = aggregate_parts(vf_BxT, mask, loss_cfg.agg, norm_len=loss_cfg.norm_len)
     stats["vf_num"] = vf_num
