@@ -95,7 +95,10 @@ def score(run: Run, col: Collected) -> tuple[Scored, np.ndarray, dict]:
 def assemble(run: Run, rs: RunState, scored: Scored) -> tuple[Batch, RunState, dict]:
     ref = (lambda t, m: run.ref_logprobs(rs.ref_params, t, m)) if run.algorithm.needs_reference else None  # noqa: E731
     values = (lambda t, m: run.critic_values(rs.train.params, t, m)) if run.algorithm.needs_values else None  # noqa: E731
-    batch, moments, metrics = run.algorithm.assemble(scored, Passes(reference=ref, values=values), rs.moments)
+    policy = ((lambda t, m: run.policy_logprobs(rs.train.params, t, m))  # noqa: E731
+              if run.algorithm.needs_policy_logprobs else None)
+    passes = Passes(reference=ref, values=values, policy=policy)
+    batch, moments, metrics = run.algorithm.assemble(scored, passes, rs.moments)
     batch = jax.block_until_ready(shard_batch(batch, run.mesh))
     return batch, dataclasses.replace(rs, moments=moments), metrics
 

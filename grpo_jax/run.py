@@ -44,6 +44,7 @@ class Run:
     train_step: Any  # jitted (TrainState, Batch) -> (TrainState, metrics)
     ref_logprobs: Any  # jitted (ref params, tokens, attn) -> log-probs
     critic_values: Any  # jitted (params, tokens, attn) -> values, for algorithms that need them
+    policy_logprobs: Any  # jitted (params, tokens, attn) -> the trainer's log-probs, for algorithms that need them
     ckpt: Checkpointer
     key: jax.Array  # per-step rollout keys are fold_in(key, step)
     eval_key: jax.Array
@@ -130,12 +131,17 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     ref_graphdef, ref_params = (load_reference(cfg, (graphdef, params), mesh) if algorithm.needs_reference
                                 else (graphdef, None))
     state, train_step, layout = _step(cfg, algorithm, graphdef, params, mesh)
+    ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches,
+                              layout, mesh)
+    policy_logprobs = None
+    if algorithm.needs_policy_logprobs:  # the reference's pass when it is a copy of the policy (same graphdef)
+        policy_logprobs = ref_logprobs if ref_graphdef is graphdef else logprob_fn(
+            graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches, layout, mesh)
     key, eval_key = jax.random.split(jax.random.key(cfg.seed))
     run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, tokenizer=tokenizer, splits=splits, terms=terms,
               pool=RewardPool(cfg.rewards.num_workers) if any(t.reward.isolated for t in terms) else None,
               graphdef=graphdef, algorithm=algorithm, train_step=train_step,
-              ref_logprobs=logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk,
-                                      cfg.train.micro_batches, layout, mesh),
+              ref_logprobs=ref_logprobs, policy_logprobs=policy_logprobs,
               critic_values=value_fn(graphdef) if algorithm.needs_values else None,
               ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save),
@@ -158,7 +164,8 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
 
 def cost_metrics(run: Run, state, ref_params, batch) -> dict[str, float]:
     """``train.log_memory``: memory of the compiled train step and of the extra passes the algorithm makes per
-    rollout batch (the reference's log-probs, the critic's values), and the bytes of the reference params it holds."""
+    rollout batch (the reference's log-probs, the critic's values, the trainer's log-probs), and the bytes of the
+    reference params it holds."""
     out = compiled_stats(run.train_step, state, batch, name="train_step")
     tokens, attn = batch.tokens_BxS, batch.attn_mask_BxS
     if run.algorithm.needs_reference:
@@ -166,4 +173,6 @@ def cost_metrics(run: Run, state, ref_params, batch) -> dict[str, float]:
         out["memory/reference_params_bytes"] = tree_bytes(ref_params)
     if run.critic_values is not None:
         out |= compiled_stats(run.critic_values, state.params, tokens, attn, name="value_pass")
+    if run.policy_logprobs is not None:
+        out |= compiled_stats(run.policy_logprobs, state.params, tokens, attn, name="policy_pass")
     return out

@@ -114,8 +114,9 @@ def test_kl_multiscale_batch_by_hand():
     adv_B = jnp.array([1.0, -1.0])
     scored = Scored(rollout=ro, rewards_B=np.zeros(2), keep_B=jnp.ones(2, bool), n_valid=2)
 
-    def build_batch(cfg):  # the GRPO algorithm's token terms on the rollout's batch
-        return build_algorithm(cfg).with_token_terms(rollout_batch(scored), adv_B, ref, scored)
+    def build_batch(cfg):  # the GRPO algorithm's token terms on the rollout's batch (trainer's logp = rollout's)
+        batch = rollout_batch(scored)
+        return build_algorithm(cfg).with_token_terms(batch, adv_B, ref, batch.old_logp_BxS, scored)
     import tempfile
     from pathlib import Path
 

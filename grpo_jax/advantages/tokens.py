@@ -62,7 +62,8 @@ def multiscale_advantages(
 
 def kl_return_to_go(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     """The return-to-go of the per-token reward -k1: u_it = -Σ_{t' >= t} m_it' (logp_it' - ref_it'), with logp the
-    rollout (behaviour) log-probs. float32, 0 where masked."""
+    policy's log-probs of the rollout (GRPO passes the trainer's before the update, ``Passes.policy``, so the KL is
+    KL(π_θ‖π_ref) rather than the sampler's). float32, 0 where masked."""
     mask = jnp.asarray(mask_BxT).astype(bool)
     k1_BxT = jnp.where(mask, jnp.asarray(logp_BxT, jnp.float32) - jnp.asarray(ref_logp_BxT, jnp.float32), 0.0)
     return -reward_to_go(k1_BxT, mask)
@@ -76,6 +77,7 @@ def kl_reward_advantages(
 
         A_it = A_i - β Σ_{t' >= t} m_it' (logp_it' - ref_it')
 
-    with logp the rollout (behaviour) log-probs. No gradient flows through it. Returns float32 adv_BxT (0 where masked).
+    with logp the policy's log-probs of the rollout (as in ``kl_return_to_go``). No gradient flows through it.
+    Returns float32 adv_BxT (0 where masked).
     """
     return multiscale_advantages(adv_B, kl_return_to_go(logp_BxT, ref_logp_BxT, mask_BxT), mask_BxT, alpha=beta)

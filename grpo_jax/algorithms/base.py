@@ -3,8 +3,9 @@
 An algorithm owns four things; the loop and the train step call them and never test the kind:
 
 1. its passes: ``needs_reference`` (the frozen reference's log-probs), ``needs_values`` (the critic's values of the
-   policy before the update), ``prepare_policy`` (e.g. PPO's value head) and ``stateful`` (running reward moments
-   carried across steps and checkpointed);
+   policy before the update), ``needs_policy_logprobs`` (the trainer's own log-probs of the rollout before the
+   update, for advantages built from KL(π_θ‖π_ref) rather than from the sampler's log-probs), ``prepare_policy``
+   (e.g. PPO's value head) and ``stateful`` (running reward moments carried across steps and checkpointed);
 2. ``assemble``: how a scored rollout (``Scored``) becomes its training ``Batch`` (advantages, GAE, pairs), with the
    host metrics of its advantages;
 3. its objective, per micro-batch, as exact parts: ``forward`` (one decoder pass), ``denominators`` (from the whole
@@ -60,6 +61,7 @@ class Passes:
 
     reference: LogProbs | None = None  # the frozen reference's log-probs
     values: LogProbs | None = None  # the critic's values of the policy before this update
+    policy: LogProbs | None = None  # the trainer's log-probs under the params before this update (not the sampler's)
 
 
 def rollout_batch(scored: Scored) -> Batch:
@@ -138,6 +140,11 @@ class Algorithm(abc.ABC):
         return self.algo.loss.beta > 0
 
     @property
+    def needs_policy_logprobs(self) -> bool:
+        """The advantages read the trainer's log-probs of the rollout before the update (``Passes.policy``)."""
+        return False
+
+    @property
     def stateful(self) -> bool:
         return False
 
@@ -162,6 +169,15 @@ class Algorithm(abc.ABC):
 
     def reference(self, batch: Batch, passes: Passes) -> jax.Array | None:
         return passes.reference(batch.tokens_BxS, batch.attn_mask_BxS) if self.needs_reference else None
+
+    def policy_logprobs(self, batch: Batch, passes: Passes) -> jax.Array | None:
+        """log π_θ [B, S] of the batch under the params before the update (float32, like the reference's), when the
+        algorithm needs them: the sampler's ``batch.old_logp_BxS`` may differ (bf16, top-k/top-p, staleness)."""
+        if not self.needs_policy_logprobs:
+            return None
+        if passes.policy is None:
+            raise ValueError(f"algo.kind={self.kind!r} needs the trainer's log-probs (Passes.policy), got none")
+        return passes.policy(batch.tokens_BxS, batch.attn_mask_BxS)
 
     # -- objective ------------------------------------------------------------------------------------------------
     def forward(self, model, mb: Batch, *, temperature: float, chunk_size: int, with_entropy: bool):

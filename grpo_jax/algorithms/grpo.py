@@ -2,7 +2,8 @@
 
     A_i from the rewards (``algo.advantage``: group / RLOO / batch / running baselines and scales), optionally with
     a token term: the KL as a per-token reward (``train.kl_in_reward``) or the multi-scale
-    A_it = A_i + α·ã_it, ã the KL return-to-go (``algo.advantage.token_alpha``);
+    A_it = A_i + α·ã_it, ã the KL return-to-go (``algo.advantage.token_alpha``), the KL being KL(π_θ‖π_ref) of the
+    trainer's log-probs before the update (``Passes.policy``), not of the sampler's;
     L = num_pg / den_pg, the clipped surrogate + β·KL of ``grpo_objective_parts`` aggregated with ``loss.agg``.
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ class GRPO(Algorithm):
         return self.algo.loss.beta > 0 or self.algo.advantage.token_alpha > 0
 
     @property
+    def needs_policy_logprobs(self) -> bool:
+        return self.kl_in_reward or self.algo.advantage.token_alpha > 0
+
+    @property
     def stateful(self) -> bool:
         return self.algo.advantage.stateful
 
@@ -54,27 +59,30 @@ class GRPO(Algorithm):
                  ) -> tuple[Batch, RunningMoments, dict[str, float]]:
         batch = rollout_batch(scored)
         adv_B, moments = self.sequence_advantages(scored, moments)
-        batch = self.with_token_terms(batch, adv_B, self.reference(batch, passes), scored)
+        batch = self.with_token_terms(batch, adv_B, self.reference(batch, passes), self.policy_logprobs(batch, passes),
+                                      scored)
         metrics = token_adv_metrics(batch) if self.algo.advantage.token_alpha > 0 else adv_metrics(
             np.asarray(adv_B)[:scored.n_valid])
         if self.stateful:
             metrics |= {"adv/running_mean": float(moments.mean), "adv/running_std": float(np.sqrt(moments.var))}
         return batch, moments, metrics
 
-    def with_token_terms(self, batch: Batch, adv_B, ref_logp_BxS, scored: Scored) -> Batch:
+    def with_token_terms(self, batch: Batch, adv_B, ref_logp_BxS, policy_logp_BxS, scored: Scored) -> Batch:
         """The batch with its advantage and reference log-probs: A_i, or the token-level A_it of ``kl_in_reward``
         (-β·k1 return-to-go, ``kl_reward_advantages``; the KL then leaves the loss) or of ``token_alpha`` > 0
-        (``multiscale_advantages`` of u_it = -Σ_{t'>=t} (old_it' - ref_it'), normalised by ``token_norm``)."""
-        mask, old, adv, cfg = batch.loss_mask_BxS, batch.old_logp_BxS, adv_B, self.algo.advantage
+        (``multiscale_advantages`` of u_it = -Σ_{t'>=t} (logp_it' - ref_it'), normalised by ``token_norm``). logp is
+        ``policy_logp_BxS``, the trainer's log-probs before the update (``Passes.policy``, None when there is no token
+        term); ``batch.old_logp_BxS`` stays the sampler's, the loss's behaviour policy."""
+        mask, adv, cfg = batch.loss_mask_BxS, adv_B, self.algo.advantage
         if self.kl_in_reward:
-            adv = kl_reward_advantages(adv_B, old, ref_logp_BxS, mask, self.algo.loss.beta)
+            adv = kl_reward_advantages(adv_B, policy_logp_BxS, ref_logp_BxS, mask, self.algo.loss.beta)
             ref_logp_BxS = None
         if cfg.token_alpha > 0:
             ragged = scored.group_ids_B is not None
             groups = (dict(group_size=None, group_ids_B=scored.group_ids_B, num_groups=self.num_groups) if ragged
                       else dict(group_size=self.group_size))
-            adv = multiscale_advantages(adv, kl_return_to_go(old, ref_logp_BxS, mask), mask, alpha=cfg.token_alpha,
-                                        normalize=cfg.token_norm, **groups)
+            u_BxS = kl_return_to_go(policy_logp_BxS, ref_logp_BxS, mask)
+            adv = multiscale_advantages(adv, u_BxS, mask, alpha=cfg.token_alpha, normalize=cfg.token_norm, **groups)
             ref_logp_BxS = ref_logp_BxS if self.loss.beta > 0 else None
         return batch.replace(ref_logp_BxS=ref_logp_BxS, adv=adv)
 
