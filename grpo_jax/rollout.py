@@ -29,7 +29,7 @@ class Rollout:
     prompt_mask_BxP: jax.Array
     completion_BxT: jax.Array  # sampled tokens, pad_id after EOS
     completion_mask_BxT: jax.Array  # real completion tokens, EOS included
-    logprobs_BxT: jax.Array  # log softmax(logits / temperature) of the sampled tokens (0 where masked)
+    logprobs_BxT: jax.Array  # log-probs of the sampled tokens under the distribution sampled from (0 masked)
     lengths_B: jax.Array  # completion lengths (EOS included)
     finished_B: jax.Array  # True if the row emitted an EOS
 
@@ -93,17 +93,19 @@ def first_argmax(x_BxV: jax.Array) -> jax.Array:
 
 
 def next_token(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """(token_B, logprob_B): a draw from the truncated softmax(logits/T) (argmax when T = 0), and its log-prob under
-    the *untruncated* softmax(logits/T) (T = 1 for greedy) — what ``token_logprobs(..., temperature=T)`` recomputes."""
+    """(token_B, logprob_B): a draw from the distribution actually sampled from and the token's log-prob under it:
+
+        T > 0, no top-k/top-p:  q = softmax(logits / T)         (``token_logprobs(..., temperature=T)`` recomputes it)
+        T > 0, top-k or top-p:  q = softmax(truncate(logits / T)), renormalised over the kept tokens, so
+                                log q(token) >= log softmax(logits / T)(token): the trainer's untruncated
+                                recomputation differs, and the difference is the sampler/trainer mismatch it logs
+        T = 0 (greedy):         the argmax, with its log-prob under softmax(logits) (T = 1)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     scaled_BxV = logits_BxV / (cfg.temperature or 1.0)
+    if cfg.temperature > 0 and (cfg.top_k is not None or cfg.top_p is not None):
+        scaled_BxV = truncate_logits(scaled_BxV, cfg.top_k, cfg.top_p)
     logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
-    if cfg.temperature == 0:
-        token_B = first_argmax(logits_BxV)
-    elif cfg.top_k is None and cfg.top_p is None:
-        token_B = draw(jnp.exp(logp_BxV), key)
-    else:
-        token_B = draw(jax.nn.softmax(truncate_logits(scaled_BxV, cfg.top_k, cfg.top_p), axis=-1), key)
+    token_B = first_argmax(logits_BxV) if cfg.temperature == 0 else draw(jnp.exp(logp_BxV), key)
     logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logp_B
 

@@ -92,6 +92,20 @@ def test_top_k_and_top_p_stay_in_the_allowed_set():
     assert np.isfinite(np.asarray(kept)).tolist() == [[True, True] + [False] * 6]
 
 
+def test_truncated_sampling_stores_the_renormalised_log_prob():
+    # top_k=3 keeps p = .30, .25, .15 (sum .70): q = p / .70 for the drawn token; top_p=0.6 keeps the same three
+    for cfg in (SamplingConfig(max_new_tokens=1, top_k=3), SamplingConfig(max_new_tokens=1, top_p=0.6)):
+        logits_BxV = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (500, len(LOGITS)))
+        token_B, logp_B = next_token(logits_BxV, jax.random.key(0), cfg)
+        want = np.log(np.exp(LOGITS)[np.asarray(token_B)] / 0.70)
+        np.testing.assert_allclose(np.asarray(logp_B), want, rtol=1e-5)
+    # T = 0.5 and top_k = 2: q over the two kept tokens of softmax(logits / 0.5) = p^2 renormalised
+    token_B, logp_B = next_token(jnp.asarray(LOGITS, jnp.float32)[None].repeat(200, 0), jax.random.key(1),
+                                 SamplingConfig(max_new_tokens=1, temperature=0.5, top_k=2))
+    p2 = np.exp(LOGITS[:2]) ** 2
+    np.testing.assert_allclose(np.asarray(logp_B), np.log(p2 / p2.sum())[np.asarray(token_B)], rtol=1e-5)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_frequencies_match_softmax_chi_square(temperature):
     n = 20000
