@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -106,6 +106,9 @@ class WarmStartSection:
         return target
 
 
+RolloutMode = Literal["sync", "one_step_off", "async"]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutSection:
     group_size: int = 8  # G samples per prompt
@@ -118,10 +121,24 @@ class RolloutSection:
     # shape for the whole run (no recompiles after the first step), at the cost of padding short prompts
     fixed_prompt_len: bool = False
     dynamic_group: DynamicGroupConfig | None = None  # per-prompt group sizes within the same P·G rows
+    # sync: sample batch n with the params after n updates. one_step_off / async: sample it in a background thread
+    # with the params of max(0, n - k) updates, k = 1 / max_staleness, while the updates run (grpo_jax.pipeline)
+    mode: RolloutMode = "sync"
+    max_staleness: int = 1  # async only: how many updates old a sample may be (0: the sync schedule, pipelined)
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1 or not self.temperature > 0:
             raise ValueError("rollout: group_size, max_new_tokens >= 1 and temperature > 0 are required")
+        if self.mode not in get_args(RolloutMode):
+            raise ValueError(f"rollout.mode must be one of {get_args(RolloutMode)}, got {self.mode!r}")
+        if self.max_staleness < 0 or (self.mode != "async" and self.max_staleness != 1):
+            raise ValueError(f"rollout.max_staleness (>= 0) applies to rollout.mode=async only, got "
+                             f"{self.max_staleness} with mode={self.mode!r}")
+
+    @property
+    def depth(self) -> int:
+        """k: batch n is sampled with the params after max(0, n - k) updates."""
+        return {"sync": 0, "one_step_off": 1}.get(self.mode, self.max_staleness)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,6 +230,9 @@ class ExperimentConfig:
         if self.train.grad_variance and self.train.micro_batches < 2:
             raise ValueError("train.grad_variance compares micro-batch gradients; set train.micro_batches >= 2")
         dyn = self.rollout.dynamic_group
+        if dyn is not None and self.rollout.mode != "sync":
+            raise ValueError(f"rollout.dynamic_group sizes each batch from the results of the one before; it needs "
+                             f"rollout.mode=sync, got {self.rollout.mode!r}")
         if dyn is not None:
             if dyn.min_size > G:
                 raise ValueError(f"rollout.dynamic_group.min_size={dyn.min_size} must be <= rollout.group_size={G} "

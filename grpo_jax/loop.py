@@ -9,6 +9,7 @@ uninterrupted run would have taken. The loop knows no algorithm by name: ``grpo_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -26,6 +27,7 @@ from grpo_jax.group_size import rollout_rows
 from grpo_jax.mesh import shard_batch
 from grpo_jax.multihost import is_primary, to_host
 from grpo_jax.perf import step_throughput
+from grpo_jax.pipeline import Produced, RolloutPipeline, sampler_slots
 from grpo_jax.rewards import dynamic_sampling_mask, reward_table
 from grpo_jax.rollout import Rollout, generate
 from grpo_jax.run import Run, build_run, cost_metrics
@@ -63,17 +65,62 @@ class Collected:
 
 
 def collect(run: Run, rs: RunState, step: int) -> tuple[Collected, RunState]:
-    cfg, P, G = run.cfg, run.cfg.train.batch_prompts, run.cfg.rollout.group_size
-    examples, order = batch_at(run.splits.train, rs.order, batch_size=P, seed=cfg.data.seed)
-    rows, sizes, n_valid, ids_B = rollout_rows(examples, G, rs.history, cfg.rollout.max_new_tokens)
-    fixed = rs.history is None
-    ro = generate(nnx.merge(run.graphdef, rs.train.params), encode_prompts(run.tokenizer, examples if fixed else rows),
+    cfg = run.cfg
+    examples, order = batch_at(run.splits.train, rs.order, batch_size=cfg.train.batch_prompts, seed=cfg.data.seed)
+    return sample(run, rs.train.params, examples, rs.history, step), dataclasses.replace(rs, order=order)
+
+
+def sample(run: Run, params, examples: list[dict], history, step: int) -> Collected:
+    """Step ``step``'s completions of ``examples`` sampled with ``params`` (key ``fold_in(run.key, step)``)."""
+    cfg, G = run.cfg, run.cfg.rollout.group_size
+    rows, sizes, n_valid, ids_B = rollout_rows(examples, G, history, cfg.rollout.max_new_tokens)
+    fixed = history is None
+    ro = generate(nnx.merge(run.graphdef, params), encode_prompts(run.tokenizer, examples if fixed else rows),
                   max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if fixed else 1,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                   eos_ids=run.eos_ids, pad_id=run.tokenizer.pad_token_id, rng=jax.random.fold_in(run.key, step),
                   min_prompt_bucket=run.prompt_bucket, mesh=run.mesh)
-    return (Collected(examples, rows, sizes, n_valid, ids_B, ro, to_host(ro.lengths_B)),
-            dataclasses.replace(rs, order=order))
+    return Collected(examples, rows, sizes, n_valid, ids_B, ro, to_host(ro.lengths_B))
+
+
+def produce(run: Run, params, examples: list[dict], step: int, version: int) -> Produced:
+    """A pipelined batch (``grpo_jax.pipeline``, in its thread): ``sample`` with the params of ``version``, then
+    ``score``."""
+    t0 = time.perf_counter()
+    col = sample(run, params, examples, None, step)
+    t1 = time.perf_counter()
+    scored, correct_B, metrics = score(run, col)
+    return Produced(col, scored, correct_B, metrics, version, t1 - t0, time.perf_counter() - t1)
+
+
+def start_pipeline(run: Run, rs: RunState, start: int) -> RolloutPipeline | None:
+    """The rollout pipeline of ``rollout.mode`` one_step_off/async, resuming with the checkpoint's sampler params."""
+    depth, cfg = run.cfg.rollout.depth, run.cfg
+    if cfg.rollout.mode == "sync":
+        return None
+    snapshots = dict(zip(sampler_slots(depth, start), rs.sampler_params)) if start > 0 else {}
+    return RolloutPipeline(functools.partial(produce, run), depth=depth, start=start, order=rs.order,
+                           snapshots=snapshots, splits_train=run.splits.train,
+                           batch_prompts=cfg.train.batch_prompts, data_seed=cfg.data.seed)
+
+
+def rollout_stage(run: Run, rs: RunState, step: int, pipe: RolloutPipeline | None):
+    """(collected, scored, correct_B, metrics, rs, times) of step ``step``: sampled now, or taken from the pipeline
+    (which is first given θ_step for the batch it submits next)."""
+    t0 = time.perf_counter()
+    if pipe is None:
+        col, rs = collect(run, rs, step)
+        t1 = time.perf_counter()
+        scored, correct_B, metrics = score(run, col)
+        return col, scored, correct_B, metrics, rs, {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+    sync_s = pipe.fill(step, rs.train.params)
+    got = pipe.take(step)
+    order, sampler_params = pipe.checkpoint_state(step + 1)
+    times = {"rollout_s": got.rollout_s, "reward_s": got.reward_s, "weight_sync_s": sync_s,
+             "rollout_wait_s": time.perf_counter() - t0 - sync_s}
+    metrics = got.metrics | {"rollout/version": got.version, "rollout/staleness": step - got.version}
+    rs = dataclasses.replace(rs, order=order, sampler_params=sampler_params)
+    return got.collected, got.scored, got.correct_B, metrics, rs, times
 
 
 def score(run: Run, col: Collected) -> tuple[Scored, np.ndarray, dict]:
@@ -144,13 +191,12 @@ def run_eval(run: Run, params, step: int) -> dict[str, float]:
                     key=jax.random.fold_in(run.eval_key, step))
 
 
-def train_one_step(run: Run, rs: RunState, step: int, first: bool) -> tuple[RunState, dict]:
-    """collect -> score -> assemble -> update for step ``step`` (0-based); returns the state after it and the
-    step's metrics."""
+def train_one_step(run: Run, rs: RunState, step: int, first: bool,
+                   pipe: RolloutPipeline | None = None) -> tuple[RunState, dict]:
+    """collect -> score -> assemble -> update for step ``step`` (0-based), the first two from ``pipe`` when the
+    rollouts run ahead; returns the state after it and the step's metrics."""
     t0 = time.perf_counter()
-    col, rs = collect(run, rs, step)
-    t1 = time.perf_counter()
-    scored, correct_B, metrics = score(run, col)
+    col, scored, correct_B, metrics, rs, times = rollout_stage(run, rs, step, pipe)
     t2 = time.perf_counter()
     batch, rs, adv_metrics = assemble(run, rs, scored)
     t3 = time.perf_counter()
@@ -163,7 +209,7 @@ def train_one_step(run: Run, rs: RunState, step: int, first: bool) -> tuple[RunS
         rs.history.update(col.examples, col.sizes, correct_B, col.lengths_B[:col.n_valid])
     metrics |= adv_metrics | step_metrics(col, scored, correct_B, rs) | {
         f"train/{k}": float(v) for k, v in train_metrics.items()}
-    times = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "prep_s": t3 - t2, "train_s": t5 - t4}
+    times |= {"prep_s": t3 - t2, "train_s": t5 - t4}
     metrics |= {f"time/{k}": v for k, v in times.items()} | {"time/step_s": time.perf_counter() - t0}
     return rs, metrics | throughput(run, col, batch, times) | (device_memory() if run.cfg.train.log_memory else {})
 
@@ -201,6 +247,7 @@ def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart
     first and last eval metrics. ``restart``: discard the run's checkpoints and metrics and start from step 0."""
     t_start = time.perf_counter()
     run, rs, start = build_run(cfg, run_dir, restart=restart)
+    pipe = start_pipeline(run, rs, start)
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="grpo", dynamic_ncols=True,
                disable=not (show_progress and is_primary()))
     try:
@@ -209,7 +256,7 @@ def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart
             summary["initial_eval"] = run_eval(run, rs.train.params, 0)
             run.writer.write(0, {**summary["initial_eval"], "compiles": compile_count()})
         for step in bar:
-            rs, metrics = train_one_step(run, rs, step, first=step == start)
+            rs, metrics = train_one_step(run, rs, step, first=step == start, pipe=pipe)
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             kl=f"{metrics.get('train/kl', 0.0):.4f}", len=f"{metrics['length/mean']:.0f}")
             if record(run, rs, step + 1, metrics, summary):
@@ -219,6 +266,8 @@ def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart
             export_hf(nnx.merge(run.graphdef, rs.train.params), run.run_dir / "final", run.tokenizer)
     finally:
         bar.close()
+        if pipe is not None:
+            pipe.close()
         run.close()
     summary["wall_s"] = time.perf_counter() - t_start
     return summary

@@ -150,7 +150,8 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
                   history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,
-                  keep_moments=algorithm.stateful)
+                  keep_moments=algorithm.stateful,
+                  sampler_params=(state.params,) * cfg.rollout.depth)  # their shapes; restore fills them in
     try:
         start, rs = rs.restore(run.ckpt)
         run.writer = MetricsWriter(run_dir)

@@ -28,10 +28,13 @@ class RunState:
     history: GroupHistory | None
     keep_ref: bool = False
     keep_moments: bool = False
+    # rollout.mode one_step_off/async: the k params the in-flight batches are sampled from (grpo_jax.pipeline)
+    sampler_params: tuple[nnx.State, ...] = ()
 
     def _arrays(self) -> dict:
         return ({"train": self.train} | ({"ref": self.ref_params} if self.keep_ref else {})
-                | ({"adv": self.moments} if self.keep_moments else {}))
+                | ({"adv": self.moments} if self.keep_moments else {})
+                | ({"sampler": list(self.sampler_params)} if self.sampler_params else {}))
 
     def save(self, ckpt: Checkpointer, step: int, *, wait: bool = False) -> None:
         meta = {"order": dataclasses.asdict(self.order)}
@@ -50,4 +53,4 @@ class RunState:
         log.info("resumed from the checkpoint at step %d", step)
         return step, dataclasses.replace(self, train=saved["train"], ref_params=saved.get("ref", self.ref_params),
                                          moments=saved.get("adv", self.moments), order=OrderState(**meta["order"]),
-                                         history=history)
+                                         history=history, sampler_params=tuple(saved.get("sampler", ())))

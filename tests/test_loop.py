@@ -28,8 +28,14 @@ def final_params(run_dir):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_is_exact(tmp_path, cache):
-    exp = write_experiment(tmp_path / "exp", tiny_experiment(checkpoint={"every": 2, "export_hf": True}))
+@pytest.mark.parametrize("rollout", [{}, {"mode": "one_step_off"}, {"mode": "async", "max_staleness": 2}],
+                         ids=["sync", "one_step_off", "async-2"])
+def test_resume_after_kill_9_is_exact(tmp_path, cache, rollout):
+    """kill -9 after the checkpoint at step 2, rerun: the same metrics and final params as an uninterrupted run. With
+    rollouts ahead of the updates the checkpoint holds the sampler params of the batches in flight, which the rerun
+    regenerates (grpo_jax.pipeline)."""
+    exp = write_experiment(tmp_path / "exp", tiny_experiment(checkpoint={"every": 2, "export_hf": True},
+                                                             rollout=rollout))
     full = tmp_path / "full"
     assert run_train(exp, full, cache).returncode == 0
     killed = tmp_path / "killed"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import signal
+import threading
 import time
 import traceback
 from collections import deque
@@ -132,15 +133,20 @@ class RewardPool:
             raise ValueError(f"RewardPool: startup_timeout_s must be > 0, got {startup_timeout_s}")
         self.startup_timeout_s = startup_timeout_s
         self._workers = [_Worker() for _ in range(num_workers)]
+        self._lock = threading.Lock()  # one map at a time (a rollout thread scores while the main thread evaluates)
 
     def map(self, fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any], *,
             timeout_s: float) -> list[Outcome]:
         """One Outcome per args tuple, in order: ``fn(*args, **kwargs)`` run in a worker under ``timeout_s``; a value
         comes back as a float score or an :class:`Invalid` (see :func:`~grpo_jax.rewards.scores.as_score`)."""
-        if not self._workers:
-            raise RuntimeError("RewardPool.map: the pool is closed")
         if timeout_s <= 0:
             raise ValueError(f"RewardPool.map: timeout_s must be > 0, got {timeout_s}")
+        with self._lock:
+            if not self._workers:
+                raise RuntimeError("RewardPool.map: the pool is closed")
+            return self._map(fn, args_list, kwargs, timeout_s)
+
+    def _map(self, fn: Callable, args_list: Sequence[tuple], kwargs: dict[str, Any], timeout_s: float) -> list[Outcome]:
         try:
             payloads = [pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL) for args in args_list]
         except Exception as e:
