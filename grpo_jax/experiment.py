@@ -125,6 +125,7 @@ class RolloutSection:
     # with the params of max(0, n - k) updates, k = 1 / max_staleness, while the updates run (grpo_jax.pipeline)
     mode: RolloutMode = "sync"
     max_staleness: int = 1  # async only: how many updates old a sample may be (0: the sync schedule, pipelined)
+    dtype: DType | None = None  # the sampler's params and compute dtype (null: the trainer's), e.g. bfloat16
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1 or not self.temperature > 0:

@@ -65,17 +65,21 @@ class Collected:
 
 
 def collect(run: Run, rs: RunState, step: int) -> tuple[Collected, RunState]:
+    """Step ``step``'s batch sampled with the current params (cast to ``rollout.dtype`` first when it is set)."""
     cfg = run.cfg
     examples, order = batch_at(run.splits.train, rs.order, batch_size=cfg.train.batch_prompts, seed=cfg.data.seed)
-    return sample(run, rs.train.params, examples, rs.history, step), dataclasses.replace(rs, order=order)
+    params = rs.train.params if cfg.rollout.dtype is None else run.sampler_params(rs.train.params)
+    return sample(run, params, examples, rs.history, step), dataclasses.replace(rs, order=order)
 
 
 def sample(run: Run, params, examples: list[dict], history, step: int) -> Collected:
-    """Step ``step``'s completions of ``examples`` sampled with ``params`` (key ``fold_in(run.key, step)``)."""
+    """Step ``step``'s completions of ``examples`` sampled with ``params`` (key ``fold_in(run.key, step)``), in the
+    sampler's dtype when ``rollout.dtype`` is set (``params`` already cast by ``run.sampler_params``)."""
     cfg, G = run.cfg, run.cfg.rollout.group_size
     rows, sizes, n_valid, ids_B = rollout_rows(examples, G, history, cfg.rollout.max_new_tokens)
     fixed = history is None
-    ro = generate(nnx.merge(run.graphdef, params), encode_prompts(run.tokenizer, examples if fixed else rows),
+    model = nnx.merge(run.sampler_graphdef or run.graphdef, params)
+    ro = generate(model, encode_prompts(run.tokenizer, examples if fixed else rows),
                   max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if fixed else 1,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                   eos_ids=run.eos_ids, pad_id=run.tokenizer.pad_token_id, rng=jax.random.fold_in(run.key, step),
@@ -99,8 +103,8 @@ def start_pipeline(run: Run, rs: RunState, start: int) -> RolloutPipeline | None
     if cfg.rollout.mode == "sync":
         return None
     snapshots = dict(zip(sampler_slots(depth, start), rs.sampler_params)) if start > 0 else {}
-    return RolloutPipeline(functools.partial(produce, run), depth=depth, start=start, order=rs.order,
-                           snapshots=snapshots, splits_train=run.splits.train,
+    return RolloutPipeline(functools.partial(produce, run), run.sampler_params, depth=depth, start=start,
+                           order=rs.order, snapshots=snapshots, splits_train=run.splits.train,
                            batch_prompts=cfg.train.batch_prompts, data_seed=cfg.data.seed)
 
 

@@ -19,7 +19,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.data import OrderState, batch_at
@@ -46,13 +45,14 @@ def sampler_slots(depth: int, done: int) -> list[int]:
 class RolloutPipeline:
     """Submits batch m with the params of version max(0, m - depth); ``take(n)`` waits for batch n.
 
-    ``produce(params, examples, step) -> Produced`` runs in the one background thread (generation, then rewards).
+    ``produce(params, examples, step, version) -> Produced`` runs in the one background thread (generation, then
+    rewards); ``to_sampler(params)`` is the weight sync (a copy, cast to the sampler's dtype).
     ``order``: the data order before batch ``start``; ``snapshots``: {version: params} restored from a checkpoint
     (``sampler_slots(depth, start)``), empty for a fresh run."""
 
-    def __init__(self, produce, *, depth: int, start: int, order: OrderState, snapshots: dict[int, nnx.State],
-                 splits_train, batch_prompts: int, data_seed: int):
-        self.produce, self.depth = produce, depth
+    def __init__(self, produce, to_sampler, *, depth: int, start: int, order: OrderState,
+                 snapshots: dict[int, nnx.State], splits_train, batch_prompts: int, data_seed: int):
+        self.produce, self.to_sampler, self.depth = produce, to_sampler, depth
         self.batch = dict(examples=splits_train, batch_size=batch_prompts, seed=data_seed)
         self.orders = {start: order}  # the data order before batch m
         self.snapshots = dict(snapshots)
@@ -65,7 +65,7 @@ class RolloutPipeline:
         seconds spent copying them for the sampler (0 when no new batch uses them)."""
         start = time.perf_counter()
         if step not in self.snapshots and self.next <= step + self.depth:
-            self.snapshots[step] = jax.block_until_ready(jax.tree.map(jnp.copy, params))  # the update donates θ
+            self.snapshots[step] = jax.block_until_ready(self.to_sampler(params))  # a copy: the update donates θ
         sync_s = time.perf_counter() - start
         while self.next <= step + self.depth:
             m, version = self.next, max(0, self.next - self.depth)

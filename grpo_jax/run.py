@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax import config as config_lib
@@ -51,8 +52,19 @@ class Run:
     eos_ids: list[int]
     model_config: ModelConfig
     prompt_bucket: int  # generate's min_prompt_bucket (rollout.fixed_prompt_len: the longest training prompt)
+    sampler_graphdef: nnx.GraphDef | None = None  # the policy with rollout.dtype as its compute dtype (None: graphdef)
     writer: MetricsWriter | None = None
     preemption: PreemptionWatch | None = None
+
+    def sampler_params(self, params):
+        """The weight sync: a copy of the trainer's ``params`` for the sampler, cast to ``rollout.dtype``."""
+        dtype = self.cfg.rollout.dtype
+        return jax.tree.map(lambda x: jnp.copy(x) if dtype is None or x.dtype == dtype else x.astype(dtype), params)
+
+    def sampler_shapes(self, params):
+        """The shapes, dtypes and shardings of ``sampler_params(params)`` (a checkpoint's restore target)."""
+        dtype = self.cfg.rollout.dtype
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=x.sharding), params)
 
     @property
     def refresh_ref(self) -> bool:
@@ -146,12 +158,13 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
               ckpt=Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save),
               key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id],
-              model_config=policy.config, prompt_bucket=prompt_bucket(cfg, tokenizer, splits.train))
+              model_config=policy.config, prompt_bucket=prompt_bucket(cfg, tokenizer, splits.train),
+              sampler_graphdef=sampler_graphdef(graphdef, params, cfg.rollout.dtype))
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
                   history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,
                   keep_moments=algorithm.stateful,
-                  sampler_params=(state.params,) * cfg.rollout.depth)  # their shapes; restore fills them in
+                  sampler_params=(run.sampler_shapes(state.params),) * cfg.rollout.depth)  # restore fills them in
     try:
         start, rs = rs.restore(run.ckpt)
         run.writer = MetricsWriter(run_dir)
@@ -161,6 +174,18 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
         run.close()
         raise
     return run, rs, start
+
+
+def sampler_graphdef(graphdef: nnx.GraphDef, params, dtype: str | None) -> nnx.GraphDef | None:
+    """The policy's graphdef with every model config's ``dtype`` and ``param_dtype`` set to ``dtype`` (None: no
+    separate sampler dtype)."""
+    if dtype is None:
+        return None
+    model = nnx.merge(graphdef, params)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(getattr(module, "config", None), ModelConfig):
+            module.config = dataclasses.replace(module.config, dtype=dtype, param_dtype=dtype)
+    return nnx.split(model)[0]
 
 
 def cost_metrics(run: Run, state, ref_params, batch) -> dict[str, float]:

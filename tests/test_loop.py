@@ -28,8 +28,9 @@ def final_params(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", [{}, {"mode": "one_step_off"}, {"mode": "async", "max_staleness": 2}],
-                         ids=["sync", "one_step_off", "async-2"])
+@pytest.mark.parametrize("rollout", [{}, {"mode": "one_step_off"}, {"mode": "async", "max_staleness": 2,
+                                                                     "dtype": "bfloat16"}],
+                         ids=["sync", "one_step_off", "async-2-bf16-sampler"])
 def test_resume_after_kill_9_is_exact(tmp_path, cache, rollout):
     """kill -9 after the checkpoint at step 2, rerun: the same metrics and final params as an uninterrupted run. With
     rollouts ahead of the updates the checkpoint holds the sampler params of the batches in flight, which the rerun
@@ -93,7 +94,7 @@ def varying_prompts_run(tmp_path, steps: int, layout: str = "padded", **rollout)
 
 
 def test_compilations_stop_growing_with_varying_prompt_lengths(tmp_path):
-    rows = varying_prompts_run(tmp_path, 12)
+    rows = varying_prompts_run(tmp_path, 8)
     seen, before = set(), rows[0]["compiles"]
     for r in rows:
         new_bucket = r["shape/prompt_len"] not in seen
@@ -101,7 +102,7 @@ def test_compilations_stop_growing_with_varying_prompt_lengths(tmp_path):
         if not new_bucket:
             assert r["compiles"] == before, f"step {r['step']} recompiled for an already seen bucket"
         before = r["compiles"]
-    assert len(seen) >= 2  # the test really exercised several buckets
+    assert 2 <= len(seen) < len(rows)  # the test really exercised several buckets, and repeats of them
 
 
 def test_fixed_prompt_len_never_recompiles_after_the_first_step(tmp_path):

@@ -26,7 +26,8 @@ def fake_pipeline(depth: int, start: int = 0, snapshots=None):
         return (step, version)
 
     examples = [{"i": i} for i in range(40)]
-    pipe = RolloutPipeline(produce, depth=depth, start=start, order=OrderState(), snapshots=snapshots or {},
+    copy = lambda p: {k: v.copy() for k, v in p.items()}  # noqa: E731  (the weight sync)
+    pipe = RolloutPipeline(produce, copy, depth=depth, start=start, order=OrderState(), snapshots=snapshots or {},
                            splits_train=examples, batch_prompts=4, data_seed=0)
     return pipe, calls
 
@@ -66,9 +67,10 @@ def test_a_resumed_pipeline_uses_the_saved_sampler_params_and_data_order():
 
 
 def run(tmp_path, name, **rollout):
-    cfg = tiny_experiment(rollout=rollout, mesh={"num_devices": 1}, train={"steps": 5, "batch_prompts": 4},
+    cfg = tiny_experiment(rollout=rollout, mesh={"num_devices": 1}, train={"steps": 3, "batch_prompts": 4},
+                          eval={"num_examples": 0},
                           rewards={"fns": [{"name": "loop_helpers:length_reward"}], "num_workers": 1},
-                          checkpoint={"every": 5, "async_save": False, "export_hf": True})
+                          checkpoint={"every": 3, "async_save": False, "export_hf": True})
     train(from_dict(ExperimentConfig, cfg), tmp_path / name, show_progress=False)
     return [r for r in metrics(tmp_path / name) if "train/loss" in r], load_file(
         str(tmp_path / name / "final" / "model.safetensors"))
@@ -77,8 +79,8 @@ def run(tmp_path, name, **rollout):
 def test_async_with_max_staleness_0_reproduces_the_sync_run_and_staler_samples_show_mismatch(tmp_path):
     sync, p_sync = run(tmp_path, "sync")
     zero, p_zero = run(tmp_path, "zero", mode="async", max_staleness=0)
-    assert [r["rollout/staleness"] for r in zero] == [0] * 5
-    assert [r["rollout/version"] for r in zero] == [0, 1, 2, 3, 4]
+    assert [r["rollout/staleness"] for r in zero] == [0] * 3
+    assert [r["rollout/version"] for r in zero] == [0, 1, 2]
     for a, b in zip(sync, zero):
         for key in a:
             if not key.startswith(TIMING_KEYS):
@@ -87,11 +89,11 @@ def test_async_with_max_staleness_0_reproduces_the_sync_run_and_staler_samples_s
     assert all(np.abs(p_sync[k] - p_zero[k]).max() <= 1e-6 for k in p_sync)
 
     stale, _ = run(tmp_path, "stale", mode="one_step_off")
-    assert [r["rollout/version"] for r in stale] == [0, 0, 1, 2, 3]
-    assert [r["rollout/staleness"] for r in stale] == [0, 1, 1, 1, 1]
+    assert [r["rollout/version"] for r in stale] == [0, 0, 1]
+    assert [r["rollout/staleness"] for r in stale] == [0, 1, 1]
     assert all(r["time/weight_sync_s"] >= 0 and r["time/rollout_wait_s"] >= 0 for r in stale)
     # on-policy batches: the trainer recomputes the sampler's log-probs; a batch one update old differs
-    assert all(r["train/mismatch/abs_logp_diff"] < 1e-4 for r in sync)
+    assert all(r["train/mismatch/abs_logp_diff"] < 1e-5 for r in sync)
     assert stale[0]["train/mismatch/abs_logp_diff"] < 1e-4
     assert all(r["train/mismatch/abs_logp_diff"] > 1e-4 for r in stale[1:])
 
@@ -105,3 +107,11 @@ def test_async_with_max_staleness_0_reproduces_the_sync_run_and_staler_samples_s
 def test_rollout_mode_config_errors(override, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         from_dict(ExperimentConfig, tiny_experiment(rollout=override))
+
+
+def test_a_bfloat16_sampler_is_measured_against_the_float32_trainer(tmp_path):
+    """(A float32 sampler's mismatch is < 1e-5: test_async_with_max_staleness_0_reproduces_the_sync_run...)"""
+    rows, _ = run(tmp_path, "bf16", dtype="bfloat16")
+    for r in rows:  # on-policy batches: the whole difference is the sampler's bfloat16 arithmetic
+        assert r["train/mismatch/abs_logp_diff"] > 1e-4 and r["train/mismatch/kl_k3"] > 0
+        assert r["train/mismatch/ratio_max"] > 1 > r["train/mismatch/ratio_min"]
