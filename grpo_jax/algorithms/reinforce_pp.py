@@ -3,10 +3,12 @@ arXiv:2501.03262): PPO's tricks without a critic. The KL to the reference is a p
 sits on the last completion token, the advantage is the return-to-go normalised over the whole batch's tokens (no
 per-prompt baseline), and the loss is the clipped surrogate:
 
-    ρ_it = r_i·[t = last] - β·(old_it - ref_it),   G_it = Σ_{t'>=t} ρ_it',   A_it = (G_it - mean_B) / (std_B + ε)
+    ρ_it = r_i·[t = last] - β·(logp_it - ref_it),   G_it = Σ_{t'>=t} ρ_it',   A_it = (G_it - mean_B) / (std_B + ε)
     L = AGG_{i,t} -min(r_it·A_it, clip(r_it, 1-ε_lo, 1+ε_hi)·A_it)            (β = ``algo.loss.beta``; no KL term)
 
-with mean_B, std_B (population) over the valid tokens of the batch and ε = ``algo.advantage.eps``.
+with mean_B, std_B (population) over the valid tokens of the batch and ε = ``algo.advantage.eps``; logp the
+trainer's log-probs of the rollout before the update (``Passes.policy``; the sampler's may differ: bf16, top-k/top-p,
+staleness), when β > 0.
 """
 from __future__ import annotations
 
@@ -36,9 +38,15 @@ class ReinforcePP(Algorithm):
     def step_loss(cls, loss: LossConfig) -> LossConfig:
         return dataclasses.replace(loss, beta=0.0)  # β weighs the KL in the reward, not in the loss
 
+    @property
+    def needs_policy_logprobs(self) -> bool:
+        return self.algo.loss.beta > 0  # the KL reward is the trainer's KL(π_θ‖π_ref)
+
     def assemble(self, scored: Scored, passes: Passes, moments):
         batch = rollout_batch(scored)
-        adv = reinforce_pp_advantages(scored.rewards_B, batch.old_logp_BxS, self.reference(batch, passes),
+        logp = self.policy_logprobs(batch, passes)
+        adv = reinforce_pp_advantages(scored.rewards_B, batch.old_logp_BxS if logp is None else logp,
+                                      self.reference(batch, passes),
                                       batch.loss_mask_BxS, beta=self.algo.loss.beta, eps=self.algo.advantage.eps)
         batch = batch.replace(adv=adv)
         return batch, moments, token_adv_metrics(batch)
