@@ -163,7 +163,7 @@ def test_compilations_bounded_by_buckets(monkeypatch):
 
     monkeypatch.setattr(rollout, "sample", counting_sample)
     shapes, new = set(), []
-    for i in range(20):
+    for i in range(12):
         n = int(rng.integers(1, 5))
         prompts = [list(rng.integers(3, 60, int(rng.integers(1, 40)))) for _ in range(n)]
         generate(model, prompts, max_new_tokens=3, num_samples=2, pad_id=0, rng=i)
