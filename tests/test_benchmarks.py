@@ -87,3 +87,17 @@ def test_update_layouts_benchmark_smoke(capsys):
                                                                        result["layouts"].values())
     assert max(losses.values()) - min(losses.values()) < 1e-4  # the same update in every layout
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "update_layouts"
+
+
+@pytest.mark.slow
+def test_async_rollout_benchmark_smoke(capsys):
+    """sync and one_step_off each train a tiny arith_tiny in their own process, with the judge's sleep in ``score``."""
+    result = load("async_rollout").main(["--tiny"])
+    sync, off = result["modes"]["sync"], result["modes"]["one_step_off"]
+    assert sync["steps_per_s"] > 0 and off["steps_per_s"] > 0 and sync["steps"] == off["steps"] == 3
+    assert sync["staleness_mean"] == 0 and off["staleness_mean"] == 1  # measured steps come after step 0
+    # the patched score sleeps 0.05 s in the main thread (sync) and in the rollout thread (one_step_off)
+    assert sync["phases_median_s"]["reward_s"] >= 0.05 and off["phases_median_s"]["reward_s"] >= 0.05
+    assert sync["phases_median_s"]["rollout_wait_s"] == 0 and off["phases_median_s"]["weight_sync_s"] > 0
+    assert sync["recompiles_after_warmup"] == off["recompiles_after_warmup"] == [0]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "async_rollout"
