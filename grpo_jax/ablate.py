@@ -1,7 +1,8 @@
 """``grpo-jax ablate experiments/<name>``: run a grid of variants x seeds of one experiment, then write a results
 table (markdown) and plots (PNG) from the runs' metrics.
 
-The experiment folder holds its runnable ``config.yaml`` and an ``ablation.yaml`` (``AblationConfig``)::
+The experiment folder holds its runnable ``config.yaml`` and an ``ablation.yaml`` (``AblationConfig``; ``--grid FILE``
+runs another grid over the same config)::
 
     seeds: [0, 1]
     variants:                      # name -> dotted overrides of config.yaml
@@ -34,8 +35,8 @@ from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.tracking import read_metrics
 
 log = logging.getLogger(__name__)
-Reduce = Literal["final", "first", "last", "mean", "median", "min", "sum"]
-REDUCES = ("final", "first", "last", "mean", "median", "min", "sum")
+Reduce = Literal["initial", "final", "first", "last", "mean", "median", "min", "sum"]
+REDUCES = ("initial", "final", "first", "last", "mean", "median", "min", "sum")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,8 +57,9 @@ class PlotSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AblationConfig:
-    """The grid and its report. ``table`` entries are ``reduce:metric`` (metric may be a glob): ``final`` the value at
-    the last step that has it (eval metrics), ``first``/``last`` the mean over the first/last ``window`` steps that
+    """The grid and its report. ``table`` entries are ``reduce:metric`` (metric may be a glob): ``initial``/``final``
+    the value at the first/last step that has it (eval metrics; ``initial:eval/accuracy`` is the warm start's),
+    ``first``/``last`` the mean over the first/last ``window`` steps that
     have it, ``mean``/``median``/``min``/``sum`` over all steps (median and min for timings: the first step compiles;
     ``sum:time/step_s`` is the RL steps' wall time without warm start and evaluation). ``anchor`` (a variant) adds
     a table of every variant's ratio to it."""
@@ -87,10 +89,15 @@ class AblationConfig:
             raise ValueError(f"ablation.anchor={self.anchor!r} is not a variant; variants: {list(self.variants)}")
 
 
-def load_ablation(folder: Path) -> AblationConfig:
-    path = Path(folder) / "ablation.yaml"
+def load_ablation(folder: Path, grid_file: str | Path | None = None) -> AblationConfig:
+    """``folder``'s ablation.yaml, or ``grid_file`` (a path, or a name inside ``folder``) for a second grid over the
+    same experiment."""
+    path = Path(folder) / "ablation.yaml" if grid_file is None else Path(grid_file)
+    if grid_file is not None and not path.is_file() and (Path(folder) / path).is_file():
+        path = Path(folder) / path
     if not path.is_file():
-        raise config_lib.ConfigError(f"{path}: no such file (an ablation needs experiments/<name>/ablation.yaml)")
+        raise config_lib.ConfigError(f"{path}: no such file (an ablation needs experiments/<name>/ablation.yaml "
+                                     "or --grid FILE)")
     return config_lib.from_yaml(AblationConfig, path)
 
 
@@ -109,7 +116,7 @@ def grid(folder: Path, ab: AblationConfig, *, quick: bool, overrides=()) -> list
     return out
 
 
-def _warm_key(cfg: ExperimentConfig) -> str | None:
+def warm_key(cfg: ExperimentConfig) -> str | None:
     if cfg.warm_start is None:
         return None
     return json.dumps([config_lib.to_dict(x) for x in (cfg.model, cfg.data, cfg.warm_start)] + [cfg.seed],
@@ -127,7 +134,7 @@ def run_grid(folder: Path, out: storage.Location, ab: AblationConfig, *, quick: 
     for i, (name, seed, cfg) in enumerate(runs):
         run_dir = out / name / f"seed{seed}"
         dirs.setdefault(name, {})[seed] = run_dir
-        key = _warm_key(cfg)
+        key = warm_key(cfg)
         if key in warm and not (run_dir / "warm_start").exists():
             storage.copy_tree(warm[key] / "warm_start", run_dir / "warm_start")
         rows = read_metrics(run_dir)  # complete = every step logged and train() returned (its export written)
@@ -154,8 +161,8 @@ def reduce_metric(rows: list[dict], reduce: Reduce, metric: str, window: int) ->
     _, v = _series(rows, metric, "step")
     if v.size == 0:
         return float("nan")
-    return float({"final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(), "mean": v.mean(),
-                  "median": np.median(v), "min": v.min(), "sum": v.sum()}[reduce])
+    return float({"initial": v[0], "final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(),
+                  "mean": v.mean(), "median": np.median(v), "min": v.min(), "sum": v.sum()}[reduce])
 
 
 def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
@@ -239,11 +246,14 @@ def plot(ab: AblationConfig, dirs: dict[str, dict[int, storage.Location]], repor
     return files
 
 
-def ablate(folder: str | Path, *, out: str | Path | None = None, quick: bool = False, overrides=()) -> dict:
-    """Run the grid of ``folder``'s ablation.yaml, then write ``results.md`` and the PNGs into ``out``."""
+def ablate(folder: str | Path, *, out: str | Path | None = None, quick: bool = False, overrides=(),
+           grid_file: str | Path | None = None) -> dict:
+    """Run the grid of ``folder``'s ablation.yaml (or ``grid_file``), then write ``results.md`` and the PNGs into
+    ``out`` (default ``runs/<name>[_<grid file stem>][_quick]``)."""
     folder = Path(folder)
-    ab = load_ablation(folder)
-    out = storage.location(out or Path("runs") / (folder.resolve().name + ("_quick" if quick else "")))
+    ab = load_ablation(folder, grid_file)
+    default = folder.resolve().name + (f"_{Path(grid_file).stem}" if grid_file is not None else "")
+    out = storage.location(out or Path("runs") / (default + ("_quick" if quick else "")))
     out.mkdir(parents=True, exist_ok=True)
     dirs = run_grid(folder, out, ab, quick=quick, overrides=overrides)
     table = summarize(ab, dirs)

@@ -161,7 +161,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from grpo_jax.ablate import ablate
 
     _enable_compilation_cache()
-    print(json.dumps(ablate(args.experiment, out=args.run_dir, quick=args.quick, overrides=args.overrides)))
+    print(json.dumps(ablate(args.experiment, out=args.run_dir, quick=args.quick, overrides=args.overrides,
+                            grid_file=args.grid)))
     return 0
 
 
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", "--out", dest="run_dir", help="runs and report go here, a folder or gs://bucket/path "
                    "(default runs/<name>, runs/<name>_quick with --quick); --out is the old name")
     p.add_argument("--quick", action="store_true", help="the grid with ablation.yaml's quick overrides (a smoke run)")
+    p.add_argument("--grid", help="another grid file instead of <experiment>/ablation.yaml (a path or a name in the "
+                   "experiment folder); the default run dir becomes runs/<name>_<file stem>")
     p.set_defaults(func=_cmd_ablate)
     p = sub.add_parser("presets", help="print the algorithm presets (formula, source, resolved config)")
     p.add_argument("names", nargs="*", help=f"any of {sorted(presets.PRESETS)} (default: all)")

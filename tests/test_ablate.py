@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import cli
-from grpo_jax.ablate import AblationConfig, PlotSpec, grid, load_ablation, markdown, reduce_metric, summarize
+from grpo_jax.ablate import AblationConfig, PlotSpec, grid, load_ablation, markdown, reduce_metric, summarize, warm_key
 from grpo_jax.config import ConfigError
 from grpo_jax.tracking import TIMING_KEYS
 
@@ -21,6 +21,7 @@ def test_reduce_by_hand():
     rows = [{"step": 0, "eval/accuracy": 0.1}] + [{"step": s, "a": float(s)} for s in range(1, 7)]
     rows[-1]["eval/accuracy"] = 0.7
     assert reduce_metric(rows, "final", "eval/accuracy", 2) == 0.7
+    assert reduce_metric(rows, "initial", "eval/accuracy", 2) == 0.1 and reduce_metric(rows, "initial", "a", 2) == 1
     assert reduce_metric(rows, "first", "a", 2) == 1.5 and reduce_metric(rows, "last", "a", 2) == 5.5
     assert reduce_metric(rows, "mean", "a", 2) == 3.5 and np.isnan(reduce_metric(rows, "last", "missing", 2))
     rows[1]["a"] = 60.0  # a first step that compiles: the median and min ignore it
@@ -65,6 +66,24 @@ def test_ablation_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="variant 'bad'.*stepz"):
         grid(folder, load_ablation(folder), quick=False)
     assert cli.main(["ablate", str(folder)]) == 2  # one config-error line, before any compute
+    (folder / "second.yaml").write_text("variants: {one: [train.steps=3]}\nseeds: [4]\n")
+    (name, seed, cfg), = grid(folder, load_ablation(folder, "second.yaml"), quick=False)  # a name in the folder
+    assert (name, seed, cfg.train.steps, cfg.seed) == ("one", 4, 3, 4)
+    assert load_ablation(folder, folder / "second.yaml") == load_ablation(folder, "second.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml: no such file"):
+        load_ablation(folder, "nope.yaml")
+
+
+def test_arith_tiny_async_grid_builds():
+    """Issue 16's grid over the default experiment: every run's config builds, and the variants differ only in the
+    rollout mode, staleness and correction."""
+    folder = ROOT / "experiments" / "arith_tiny"
+    runs = grid(folder, load_ablation(folder, "async.yaml"), quick=False)
+    got = {(n, s): (c.rollout.mode, c.rollout.max_staleness, c.algo.loss.off_policy and c.algo.loss.off_policy.weight)
+           for n, s, c in runs}
+    assert got[("sync", 2)] == ("sync", 1, None) and got[("one_step_off_tis", 0)] == ("one_step_off", 1, "truncate")
+    assert got[("async2", 1)] == ("async", 2, None) and got[("async2_tis", 2)] == ("async", 2, "truncate")
+    assert len({warm_key(c) for _, _, c in runs}) == 3  # one warm start per seed, shared by the variants
 
 
 def _quick(name: str, tmp_path: Path) -> tuple[Path, AblationConfig]:
