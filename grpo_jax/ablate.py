@@ -200,10 +200,10 @@ def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds
     head = f"| variant | {' | '.join(columns)} |\n|{' --- |' * (len(columns) + 1)}\n"
     cell = lambda vs: f"{_fmt(float(np.mean(vs)))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
     text = head + "".join(f"| {name} | {' | '.join(cell(row[c]) for c in columns)} |\n" for name, row in table.items())
-    text = (f"Mean over seeds {list(seeds_used)} (each seed in brackets). `final:` the value at the run's last step, "
-            f"`first:`/`last:` the mean of the first/last {ab.window} steps, `mean:`/`median:`/`min:`/`sum:` over all "
-            f"steps; wall_s is each run's wall time (compilation, evaluation and, for the run that trained it, the "
-            f"shared warm start included).\n\n") + text
+    text = (f"Mean over seeds {list(seeds_used)} (each seed in brackets). `initial:`/`final:` the value at the "
+            f"run's first/last step that logs it, `first:`/`last:` the mean of the first/last {ab.window} steps, "
+            f"`mean:`/`median:`/`min:`/`sum:` over all steps; wall_s is each run's wall time (compilation, "
+            f"evaluation and, for the run that trained it, the shared warm start included).\n\n") + text
     if ab.anchor is not None:
         base = {c: float(np.mean(v)) for c, v in table[ab.anchor].items()}
         ratio = lambda name, c: float(np.mean(table[name][c])) / base[c] if base[c] else float("nan")  # noqa: E731

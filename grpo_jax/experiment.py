@@ -110,6 +110,31 @@ RolloutMode = Literal["sync", "one_step_off", "async"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSection:
+    """Mesh axis sizes (one may be -1: the remaining devices) over ``num_devices`` devices (default all from
+    ``first_device`` on) starting at ``first_device`` of ``jax.devices()``."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    num_devices: int | None = None
+    first_device: int = 0
+
+    def build(self):
+        import jax
+
+        devices = jax.devices()
+        if not 0 <= self.first_device < len(devices):
+            raise ValueError(f"first_device={self.first_device}, but {len(devices)} devices are present")
+        count = len(devices) - self.first_device if self.num_devices is None else self.num_devices
+        if not 1 <= count <= len(devices) - self.first_device:
+            raise ValueError(f"num_devices={self.num_devices} from first_device={self.first_device}, but "
+                             f"{len(devices)} devices are present")
+        start = self.first_device
+        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices[start:start + count])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RolloutSection:
     group_size: int = 8  # G samples per prompt
     max_new_tokens: int = 256
@@ -126,6 +151,9 @@ class RolloutSection:
     mode: RolloutMode = "sync"
     max_staleness: int = 1  # async only: how many updates old a sample may be (0: the sync schedule, pipelined)
     dtype: DType | None = None  # the sampler's params and compute dtype (null: the trainer's), e.g. bfloat16
+    # the sampler's own mesh (null: the trainer's), e.g. {first_device: 4, num_devices: 4} beside a trainer on
+    # mesh.num_devices=4: params are resharded onto it for every batch, the samples back onto the trainer's
+    mesh: MeshSection | None = None
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1 or not self.temperature > 0:
@@ -179,26 +207,6 @@ class CheckpointSection:
     keep: int = 2
     async_save: bool = True
     export_hf: bool = True  # save the final policy as an HF folder (run_dir/final)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MeshSection:
-    """Mesh axis sizes (one may be -1: the remaining devices) over the first ``num_devices`` devices (default all)."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    num_devices: int | None = None
-
-    def build(self):
-        import jax
-
-        devices = jax.devices()
-        if self.num_devices is not None:
-            if not 1 <= self.num_devices <= len(devices):
-                raise ValueError(f"mesh.num_devices={self.num_devices}, but {len(devices)} devices are present")
-            devices = devices[: self.num_devices]
-        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

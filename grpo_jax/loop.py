@@ -64,17 +64,21 @@ class Collected:
     lengths_B: np.ndarray
 
 
-def collect(run: Run, rs: RunState, step: int) -> tuple[Collected, RunState]:
-    """Step ``step``'s batch sampled with the current params (cast to ``rollout.dtype`` first when it is set)."""
+def collect(run: Run, rs: RunState, step: int, params=None) -> tuple[Collected, RunState]:
+    """Step ``step``'s batch sampled with the current params, or with ``params`` when given (already made by
+    ``run.sampler_params``); without them the current params are cast/resharded first when the sampler has its own
+    dtype or mesh."""
     cfg = run.cfg
     examples, order = batch_at(run.splits.train, rs.order, batch_size=cfg.train.batch_prompts, seed=cfg.data.seed)
-    params = rs.train.params if cfg.rollout.dtype is None else run.sampler_params(rs.train.params)
+    if params is None:
+        params = run.sampler_params(rs.train.params) if run.separate_sampler else rs.train.params
     return sample(run, params, examples, rs.history, step), dataclasses.replace(rs, order=order)
 
 
 def sample(run: Run, params, examples: list[dict], history, step: int) -> Collected:
     """Step ``step``'s completions of ``examples`` sampled with ``params`` (key ``fold_in(run.key, step)``), in the
-    sampler's dtype when ``rollout.dtype`` is set (``params`` already cast by ``run.sampler_params``)."""
+    sampler's dtype and on its mesh when ``rollout.dtype``/``rollout.mesh`` are set (``params`` already made by
+    ``run.sampler_params``); the samples are returned on the trainer's mesh."""
     cfg, G = run.cfg, run.cfg.rollout.group_size
     rows, sizes, n_valid, ids_B = rollout_rows(examples, G, history, cfg.rollout.max_new_tokens)
     fixed = history is None
@@ -83,7 +87,8 @@ def sample(run: Run, params, examples: list[dict], history, step: int) -> Collec
                   max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if fixed else 1,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                   eos_ids=run.eos_ids, pad_id=run.tokenizer.pad_token_id, rng=jax.random.fold_in(run.key, step),
-                  min_prompt_bucket=run.prompt_bucket, mesh=run.mesh)
+                  min_prompt_bucket=run.prompt_bucket, mesh=run.sampler_mesh or run.mesh)
+    ro = run.to_trainer(ro)
     return Collected(examples, rows, sizes, n_valid, ids_B, ro, to_host(ro.lengths_B))
 
 
@@ -113,10 +118,13 @@ def rollout_stage(run: Run, rs: RunState, step: int, pipe: RolloutPipeline | Non
     (which is first given θ_step for the batch it submits next)."""
     t0 = time.perf_counter()
     if pipe is None:
-        col, rs = collect(run, rs, step)
+        params = jax.block_until_ready(run.sampler_params(rs.train.params)) if run.separate_sampler else None
         t1 = time.perf_counter()
+        col, rs = collect(run, rs, step, params)
+        t2 = time.perf_counter()
         scored, correct_B, metrics = score(run, col)
-        return col, scored, correct_B, metrics, rs, {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+        times = {"rollout_s": t2 - t1, "reward_s": time.perf_counter() - t2}
+        return col, scored, correct_B, metrics, rs, times | ({"weight_sync_s": t1 - t0} if params is not None else {})
     sync_s = pipe.fill(step, rs.train.params)
     got = pipe.take(step)
     order, sampler_params = pipe.checkpoint_state(step + 1)

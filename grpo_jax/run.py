@@ -20,7 +20,7 @@ from grpo_jax.evaluation import encode_prompts
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import GroupHistory
 from grpo_jax.layout import Layout, planned_step
-from grpo_jax.mesh import batch_size_multiple
+from grpo_jax.mesh import batch_size_multiple, logical_sharding, model_shardings
 from grpo_jax.models import ModelConfig
 from grpo_jax.multihost import is_primary, sync
 from grpo_jax.optim import make_optimizer
@@ -53,18 +53,46 @@ class Run:
     model_config: ModelConfig
     prompt_bucket: int  # generate's min_prompt_bucket (rollout.fixed_prompt_len: the longest training prompt)
     sampler_graphdef: nnx.GraphDef | None = None  # the policy with rollout.dtype as its compute dtype (None: graphdef)
+    sampler_mesh: Any = None  # rollout.mesh built (None: the sampler uses ``mesh``)
+    sampler_shardings: Any = None  # the params' shardings on sampler_mesh
     writer: MetricsWriter | None = None
     preemption: PreemptionWatch | None = None
 
+    @property
+    def separate_sampler(self) -> bool:
+        """Whether the sampler's params differ from the trainer's (``rollout.dtype`` or ``rollout.mesh`` set)."""
+        return self.cfg.rollout.dtype is not None or self.sampler_mesh is not None
+
     def sampler_params(self, params):
-        """The weight sync: a copy of the trainer's ``params`` for the sampler, cast to ``rollout.dtype``."""
+        """The weight sync: a copy of the trainer's ``params`` for the sampler, cast to ``rollout.dtype`` and
+        resharded onto ``rollout.mesh`` (when set: the params' logical axes under the one rules table, on the
+        sampler's devices)."""
         dtype = self.cfg.rollout.dtype
-        return jax.tree.map(lambda x: jnp.copy(x) if dtype is None or x.dtype == dtype else x.astype(dtype), params)
+        params = jax.tree.map(lambda x: jnp.copy(x) if dtype is None or x.dtype == dtype else x.astype(dtype), params)
+        return params if self.sampler_mesh is None else jax.device_put(params, self.sampler_shardings)
 
     def sampler_shapes(self, params):
         """The shapes, dtypes and shardings of ``sampler_params(params)`` (a checkpoint's restore target)."""
         dtype = self.cfg.rollout.dtype
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=x.sharding), params)
+        shardings = (jax.tree.map(lambda x: x.sharding, params) if self.sampler_mesh is None
+                     else self.sampler_shardings)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), params,
+                            shardings)
+
+    def to_trainer(self, tree):
+        """Arrays the sampler made (on ``rollout.mesh``) moved onto the trainer's mesh, rows split over its batch
+        axes where they divide (else replicated); unchanged without a sampler mesh."""
+        if self.sampler_mesh is None:
+            return tree
+        shards = batch_size_multiple(self.mesh)
+
+        def put(x):
+            axes = [None] * x.ndim
+            if x.ndim and x.shape[0] % shards == 0:
+                axes[0] = "batch"
+            return jax.device_put(x, logical_sharding(self.mesh, axes))
+
+        return jax.tree.map(put, tree)
 
     @property
     def refresh_ref(self) -> bool:
@@ -130,6 +158,10 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
         mesh = cfg.mesh.build()
     except ValueError as e:
         raise config_lib.ConfigError(f"mesh: {e}") from None
+    try:
+        sampler_mesh = None if cfg.rollout.mesh is None else cfg.rollout.mesh.build()
+    except ValueError as e:
+        raise config_lib.ConfigError(f"rollout.mesh: {e}") from None
     validate(cfg, mesh)
     run_dir = storage.location(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +191,8 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
                                 async_save=cfg.checkpoint.async_save),
               key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id],
               model_config=policy.config, prompt_bucket=prompt_bucket(cfg, tokenizer, splits.train),
-              sampler_graphdef=sampler_graphdef(graphdef, params, cfg.rollout.dtype))
+              sampler_graphdef=sampler_graphdef(graphdef, params, cfg.rollout.dtype), sampler_mesh=sampler_mesh,
+              sampler_shardings=None if sampler_mesh is None else model_shardings(params, sampler_mesh))
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
                   history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,

@@ -40,9 +40,11 @@ def write_experiment(folder: Path, cfg: dict) -> Path:
     return folder
 
 
-def cli_env(cache_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device in the subprocess
+def cli_env(cache_dir: Path, devices: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device in the subprocess by default
     env.update(GRPO_JAX_CACHE=str(cache_dir), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 
@@ -51,9 +53,9 @@ def train_cmd(experiment: Path, run_dir: Path, *overrides: str) -> list[str]:
             "--no-progress", *overrides]
 
 
-def run_train(experiment: Path, run_dir: Path, cache_dir: Path, *overrides: str, timeout=600):
-    return subprocess.run(train_cmd(experiment, run_dir, *overrides), env=cli_env(cache_dir), capture_output=True,
-                          text=True, timeout=timeout)
+def run_train(experiment: Path, run_dir: Path, cache_dir: Path, *overrides: str, timeout=600, devices: int = 1):
+    return subprocess.run(train_cmd(experiment, run_dir, *overrides), env=cli_env(cache_dir, devices),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:

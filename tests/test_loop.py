@@ -28,19 +28,22 @@ def final_params(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", [{}, {"mode": "one_step_off"}, {"mode": "async", "max_staleness": 2,
-                                                                     "dtype": "bfloat16"}],
-                         ids=["sync", "one_step_off", "async-2-bf16-sampler"])
+@pytest.mark.parametrize("rollout", [
+    {}, {"mode": "one_step_off"},
+    {"mode": "async", "max_staleness": 2, "dtype": "bfloat16", "mesh": {"first_device": 4, "data": 2, "tensor": 2}}],
+    ids=["sync", "one_step_off", "async-2-bf16-sampler-on-its-own-mesh"])
 def test_resume_after_kill_9_is_exact(tmp_path, cache, rollout):
     """kill -9 after the checkpoint at step 2, rerun: the same metrics and final params as an uninterrupted run. With
     rollouts ahead of the updates the checkpoint holds the sampler params of the batches in flight, which the rerun
-    regenerates (grpo_jax.pipeline)."""
+    regenerates (grpo_jax.pipeline); the last case keeps them in bfloat16 on the sampler's devices 4-7 (the trainer
+    on 0-3)."""
+    mesh, devices = ({"num_devices": 4}, 8) if "mesh" in rollout else ({}, 1)
     exp = write_experiment(tmp_path / "exp", tiny_experiment(checkpoint={"every": 2, "export_hf": True},
-                                                             rollout=rollout))
+                                                             rollout=rollout, mesh=mesh))
     full = tmp_path / "full"
-    assert run_train(exp, full, cache).returncode == 0
+    assert run_train(exp, full, cache, devices=devices).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(exp, killed), env=cli_env(cache), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(exp, killed), env=cli_env(cache, devices), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "2").exists() and time.time() < deadline and proc.poll() is None:
@@ -48,7 +51,7 @@ def test_resume_after_kill_9_is_exact(tmp_path, cache, rollout):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "2").exists() and not (killed / "final").exists()
-    resumed = run_train(exp, killed, cache)
+    resumed = run_train(exp, killed, cache, devices=devices)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.splitlines()[-1])["start_step"] >= 2
     assert without_timing(metrics(killed)) == without_timing(metrics(full))

@@ -3,6 +3,7 @@ logged, config errors. (Exact resume per mode: ``test_loop.test_resume_after_kil
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -66,9 +67,9 @@ def test_a_resumed_pipeline_uses_the_saved_sampler_params_and_data_order():
     resumed.close()
 
 
-def run(tmp_path, name, **rollout):
-    cfg = tiny_experiment(rollout=rollout, mesh={"num_devices": 1}, train={"steps": 3, "batch_prompts": 4},
-                          eval={"num_examples": 0},
+def run(tmp_path, name, trainer_mesh=None, **rollout):
+    cfg = tiny_experiment(rollout=rollout, mesh=trainer_mesh or {"num_devices": 1},
+                          train={"steps": 3, "batch_prompts": 4}, eval={"num_examples": 0},
                           rewards={"fns": [{"name": "loop_helpers:length_reward"}], "num_workers": 1},
                           checkpoint={"every": 3, "async_save": False, "export_hf": True})
     train(from_dict(ExperimentConfig, cfg), tmp_path / name, show_progress=False)
@@ -115,3 +116,31 @@ def test_a_bfloat16_sampler_is_measured_against_the_float32_trainer(tmp_path):
     for r in rows:  # on-policy batches: the whole difference is the sampler's bfloat16 arithmetic
         assert r["train/mismatch/abs_logp_diff"] > 1e-4 and r["train/mismatch/kl_k3"] > 0
         assert r["train/mismatch/ratio_max"] > 1 > r["train/mismatch/ratio_min"]
+
+
+def test_a_sampler_on_its_own_devices_samples_what_the_trainers_mesh_samples(tmp_path, monkeypatch):
+    """rollout.mesh: the trainer on devices 0-3 (data 4), the sampler on 4-7 (data 2 x tensor 2). The weights are
+    resharded onto the sampler's devices for every batch (timed) and the samples come back onto the trainer's."""
+    from grpo_jax import loop
+
+    devices = []
+    sample = loop.sample
+    monkeypatch.setattr(loop, "sample", lambda run, params, *a: (
+        devices.append({d.id for x in jax.tree.leaves(params) for d in x.devices()}), sample(run, params, *a))[1])
+    shared, p_shared = run(tmp_path, "shared", trainer_mesh={"num_devices": 4})
+    own, p_own = run(tmp_path, "own", trainer_mesh={"num_devices": 4}, mesh={"first_device": 4, "data": 2, "tensor": 2})
+    assert devices == [{0, 1, 2, 3}] * 3 + [{4, 5, 6, 7}] * 3
+    assert all(r["time/weight_sync_s"] > 0 for r in own) and all("time/weight_sync_s" not in r for r in shared)
+    for a, b in zip(shared, own):
+        assert a["length/mean"] == b["length/mean"] and a["reward/total/mean"] == b["reward/total/mean"]
+        for key in ("train/loss", "train/grad_norm", "train/mismatch/abs_logp_diff"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    assert all(np.abs(p_shared[k] - p_own[k]).max() <= 1e-5 for k in p_shared)
+    assert all(r["train/mismatch/abs_logp_diff"] < 1e-5 for r in own)  # on-policy: the sharding changes nothing
+
+
+@pytest.mark.parametrize("mesh, match", [({"first_device": 8}, "rollout.mesh: first_device=8"),
+                                         ({"first_device": 4, "num_devices": 5}, "num_devices=5 from first_device=4")])
+def test_sampler_mesh_outside_the_devices_is_one_config_error(tmp_path, mesh, match):
+    with pytest.raises(ConfigError, match=match):
+        run(tmp_path, "bad", trainer_mesh={"num_devices": 4}, mesh=mesh)
