@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from step 0 (without it a run resumes, and stops if its checkpoints cannot be read)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("eval", help="held-out greedy accuracy (and pass@k) of a run dir or HF folder",
+    p = sub.add_parser("eval", help="held-out greedy accuracy (and pass@k, maj@k) of a run dir or HF folder",
                        usage="grpo-jax eval (--run-dir DIR | MODEL) EXPERIMENT [overrides ...]")
     p.add_argument("args", nargs="+", metavar="[MODEL] EXPERIMENT [overrides]",
                    help="MODEL: an HF model folder or a run dir (its final/ model), local or gs://, when --run-dir "

@@ -197,7 +197,7 @@ class EvalSection:
     every: int = 0  # 0: only before the first and after the last step
     num_examples: int = 128
     batch_prompts: int = 64
-    pass_k: int = 0  # > 0: also pass@k with k samples at the rollout temperature
+    pass_k: int = 0  # > 0: also pass@k, mean@k and maj@k with k samples at the rollout temperature
     correct_reward: str | None = None  # reward whose value > 0 means correct; default: the first in rewards.fns
 
 

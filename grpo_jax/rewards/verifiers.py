@@ -71,6 +71,19 @@ def _final_answer_text(completion: str) -> str:
     return text if boxed is None else boxed
 
 
+def answer_key(completion: str) -> str | None:
+    """The completion's final answer in a canonical form, for majority voting (maj@k): the answer text (the
+    <answer> block, else the last \\boxed{}, else the whole completion); its last number when it has one (``1,234``,
+    ``1234.0`` and ``1234`` all give ``1234``), else the text with whitespace collapsed; None when it is empty."""
+    text = _final_answer_text(completion)
+    number = last_number(text)
+    if number is not None:
+        number += 0  # -0 -> 0
+        return format(number.normalize() if number != number.to_integral_value() else number.to_integral_value(), "f")
+    text = " ".join(text.split())
+    return text or None
+
+
 # ---------------------------------------------------------------- safe arithmetic
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
