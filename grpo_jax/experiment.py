@@ -178,7 +178,11 @@ class TrainSection:
     micro_batches: int = 1
     kl_in_reward: bool = False  # β·KL as a per-token reward instead of a loss term
     ref_refresh_every: int | None = None  # copy the policy into the reference every N steps
-    dynamic_sampling: bool = False  # DAPO: zero-variance groups carry no loss (and no denominator)
+    # DAPO's dynamic sampling: generate further rounds of batch_prompts prompts (at most dynamic_sampling_rounds
+    # extra) until the batch holds batch_prompts groups whose rewards differ, and train on exactly those
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
+    mask_zero_variance: bool = False  # zero-variance groups stay in the batch but carry no loss (and no denominator)
     log_entropy: bool = True
     logprob_chunk: int = 128
     grad_variance: bool = False  # log train/grad_var, train/grad_rel_var over the micro-batches (whole prompts)
@@ -190,6 +194,11 @@ class TrainSection:
             raise ValueError("train: steps, batch_prompts, num_iterations and micro_batches must be >= 1")
         if self.ref_refresh_every is not None and self.ref_refresh_every < 1:
             raise ValueError(f"train.ref_refresh_every must be >= 1 or null, got {self.ref_refresh_every}")
+        if self.dynamic_sampling_rounds < 0:
+            raise ValueError(f"train.dynamic_sampling_rounds must be >= 0, got {self.dynamic_sampling_rounds}")
+        if self.dynamic_sampling and self.mask_zero_variance:
+            raise ValueError("train.dynamic_sampling (refill the batch with groups that carry signal) and "
+                             "train.mask_zero_variance (keep them, masked) are alternatives: set one")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -239,6 +248,9 @@ class ExperimentConfig:
         if self.train.grad_variance and self.train.micro_batches < 2:
             raise ValueError("train.grad_variance compares micro-batch gradients; set train.micro_batches >= 2")
         dyn = self.rollout.dynamic_group
+        if self.train.dynamic_sampling and (self.rollout.mode != "sync" or dyn is not None):
+            raise ValueError("train.dynamic_sampling draws as many prompts as each step needs: it needs "
+                             f"rollout.mode=sync and no rollout.dynamic_group, got mode={self.rollout.mode!r}")
         if dyn is not None and self.rollout.mode != "sync":
             raise ValueError(f"rollout.dynamic_group sizes each batch from the results of the one before; it needs "
                              f"rollout.mode=sync, got {self.rollout.mode!r}")

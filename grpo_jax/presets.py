@@ -41,7 +41,8 @@ def dapo() -> AlgoConfig:
     """DAPO (Yu et al. 2025, arXiv:2503.14476): clip-higher (ε_lo=0.2, ε_hi=0.28), token-level loss, no KL:
     L = (1/Σ_i|o_i|) Σ_i Σ_t -min(ρ_it A_i, clip(ρ_it, 0.8, 1.28) A_i), A_i group-normalised.
     The recipe's other two parts live on the rollout side: overlong reward shaping
-    (``grpo_jax.rewards.overlong_penalty``) and dynamic sampling (``grpo_jax.rewards.dynamic_sampling_mask``).
+    (``grpo_jax.rewards.overlong_penalty``) and dynamic sampling (``train.dynamic_sampling``: generate more groups
+    until the batch holds ``batch_prompts`` groups whose rewards differ, ``grpo_jax.loop.refill``).
     """
     return AlgoConfig(
         loss=LossConfig(kind="grpo", clip_low=0.2, clip_high=0.28, agg="token-mean", beta=0.0),

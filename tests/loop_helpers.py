@@ -65,3 +65,15 @@ def metrics(run_dir: Path) -> list[dict]:
 def length_reward(prompt: str, completion: str, example: dict) -> float:
     """A reward that always varies inside a group (for tests that need non-zero advantages)."""
     return float(len(completion))
+
+
+def odd_signal_reward(prompt: str, completion: str, example: dict) -> float:
+    """Zero variance for every question whose answer is even (reward 0); otherwise a hash of the completion, which
+    differs between distinct samples (for the dynamic-sampling tests)."""
+    import zlib
+
+    return 0.0 if int(example["answer"]) % 2 == 0 else (zlib.crc32(completion.encode()) % 1000) / 1000
+
+
+def zero_reward(prompt: str, completion: str, example: dict) -> float:
+    return 0.0

@@ -165,8 +165,8 @@ def test_dynamic_groups_and_running_moments_resume_exactly(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     ({"rollout": {"dynamic_group": {"min_size": 8}}}, "min_size=8 must be <= rollout.group_size=4"),
-    ({"rollout": {"dynamic_group": {}}, "train": {"steps": 2, "batch_prompts": 4, "dynamic_sampling": True}},
-     "dynamic_sampling=false"),
+    ({"rollout": {"dynamic_group": {}}, "train": {"steps": 2, "batch_prompts": 4, "mask_zero_variance": True}},
+     "mask_zero_variance=false"),
     ({"algo": {"preset": "ppo", "advantage": {"token_alpha": 0.1}}}, "token_alpha"),
     ({"train": {"steps": 2, "batch_prompts": 4, "grad_variance": True}}, "micro_batches >= 2"),
 ])

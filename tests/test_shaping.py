@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax.rewards import dynamic_sampling_mask, overlong_penalty, zero_variance_fraction
+from grpo_jax.rewards import overlong_penalty, zero_variance_fraction, zero_variance_mask
 
 
 def test_overlong_penalty_hand_computed():
@@ -23,8 +23,8 @@ def test_overlong_penalty_bad_input():
 
 def test_dynamic_sampling_keeps_only_mixed_groups():
     rewards = np.array([1, 1, 0, 1, 0.3, 0.3, 0.3, 0.3, 0, 0, 0, 0], np.float32)
-    keep = dynamic_sampling_mask(rewards, 4)
+    keep = zero_variance_mask(rewards, 4)
     assert keep.tolist() == [True] * 4 + [False] * 8
     assert float(zero_variance_fraction(rewards, 4)) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="group_size=5"):
-        dynamic_sampling_mask(rewards, 5)
+        zero_variance_mask(rewards, 5)

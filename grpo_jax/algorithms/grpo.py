@@ -39,8 +39,8 @@ class GRPO(Algorithm):
         if adv.token_alpha > 0 and train.kl_in_reward:
             raise ValueError("algo.advantage.token_alpha adds the KL return-to-go to GRPO's advantages: it needs "
                              "train.kl_in_reward=false")
-        if cfg.rollout.dynamic_group is not None and (train.dynamic_sampling or train.micro_batches > 1):
-            raise ValueError("rollout.dynamic_group works with algo.kind=grpo, train.dynamic_sampling=false and "
+        if cfg.rollout.dynamic_group is not None and (train.mask_zero_variance or train.micro_batches > 1):
+            raise ValueError("rollout.dynamic_group works with algo.kind=grpo, train.mask_zero_variance=false and "
                              "train.micro_batches=1 (ragged groups)")
 
     @property

@@ -6,7 +6,7 @@ from grpo_jax.rewards.length import length_penalty
 from grpo_jax.rewards.pool import Outcome, RewardPool
 from grpo_jax.rewards.registry import get_reward, register_reward, registered_rewards
 from grpo_jax.rewards.reward_model import RewardModelScorer, reward_model
-from grpo_jax.rewards.shaping import dynamic_sampling_mask, overlong_penalty, zero_variance_fraction
+from grpo_jax.rewards.shaping import overlong_penalty, zero_variance_fraction, zero_variance_mask
 from grpo_jax.rewards.verifiers import answer_tag, countdown, exact_int, format_reward, last_boxed, math_verify
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     "compute_rewards",
     "reward_table",
     "countdown",
-    "dynamic_sampling_mask",
+    "zero_variance_mask",
     "exact_int",
     "format_reward",
     "get_reward",

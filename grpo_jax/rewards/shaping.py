@@ -33,13 +33,15 @@ def _group_view(rewards_B: jax.Array, group_size: int, name: str) -> jax.Array:
     return rewards_B.reshape(-1, group_size)
 
 
-def dynamic_sampling_mask(rewards_B: jax.Array, group_size: int) -> jax.Array:
-    """DAPO dynamic sampling: keep_B is True for samples whose group's rewards are not all equal.
+def zero_variance_mask(rewards_B: jax.Array, group_size: int) -> jax.Array:
+    """keep_B is True for samples whose group's rewards are not all equal (``train.mask_zero_variance``).
 
     Groups where every response got the same reward (all solved or all failed) have zero advantage and so carry
-    no gradient; DAPO over-samples and drops them. Equality is exact (max == min), as in the advantages.
+    no gradient; the mask also takes them out of the loss's denominators. This is not DAPO's dynamic sampling,
+    which over-samples and refills the batch with groups that carry signal (``train.dynamic_sampling``,
+    ``grpo_jax.loop.refill``). Equality is exact (max == min), as in the advantages.
     """
-    r_GxN = _group_view(rewards_B, group_size, "dynamic_sampling_mask")
+    r_GxN = _group_view(rewards_B, group_size, "zero_variance_mask")
     keep_G = r_GxN.max(axis=1) != r_GxN.min(axis=1)
     return jnp.repeat(keep_G, group_size)
 
