@@ -9,8 +9,8 @@ of fixed latency per batch (issue 16: an external judge or sandbox, simulated wi
 Workload: ``experiments/arith_tiny`` as it is (0.6M-param Qwen2, char tokenizer, 32 prompts x G 8, 8 new tokens,
 ``exact_int``) but with a 100-step supervised warm start instead of 3000 (speed hardly depends on the weights;
 the completions still have the answer format), no evaluation, no checkpoint before the end, one device. The
-judge: each worker process replaces ``grpo_jax.loop.score`` (which ``loop.rollout_stage`` calls in the main
-thread in sync, and ``loop.produce`` in the background rollout thread otherwise, both through the module global)
+judge: each worker process replaces ``grpo_jax.sampling.score`` (which ``loop.rollout_stage`` calls in the main
+thread in sync, and ``sampling.produce`` in the background rollout thread otherwise, both through the module global)
 with one that sleeps ``--latency`` seconds after scoring each batch; ``time/reward_s`` includes the sleep.
 
 Each mode runs ``loop.train`` in its own process (one per round, modes alternating; the warm start is trained
@@ -55,12 +55,12 @@ def worker(mode: str, shared: str, warmup: int, steps: int, latency: float, tiny
     times, staleness and the compile count."""
     import jax
 
-    from grpo_jax import loop
+    from grpo_jax import loop, sampling
     from grpo_jax.experiment import load_experiment
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(shared, "xla"))  # later processes skip compiling
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    score, record, ends, logged = loop.score, loop.record, [], []
+    score, record, ends, logged = sampling.score, loop.record, [], []
 
     def judged(run, col):
         out = score(run, col)
@@ -74,7 +74,7 @@ def worker(mode: str, shared: str, warmup: int, steps: int, latency: float, tiny
                       | {"staleness": float(metrics.get("rollout/staleness", 0)), "compiles": metrics["compiles"]})
         return stop
 
-    loop.score, loop.record = judged, timed
+    sampling.score, loop.record = judged, timed
     run_dir = Path(tempfile.mkdtemp(dir=shared, prefix=f"{mode}-"))
     warm = Path(shared) / "warm_start"
     if warm.exists():

@@ -139,7 +139,7 @@ def jax_worker(folder: str, shape: dict, warmup: int, steps: int, overrides: lis
     import jax
     import yaml
 
-    from grpo_jax import loop
+    from grpo_jax import loop, sampling
     from grpo_jax.experiment import load_experiment
     from grpo_jax.run import build_run
     from grpo_jax.tracking import compile_count
@@ -162,8 +162,8 @@ def jax_worker(folder: str, shape: dict, warmup: int, steps: int, overrides: lis
                 phases["step_s"].append(wall)
                 for k in ("rollout_s", "reward_s", "prep_s", "train_s"):
                     phases[k].append(metrics[f"time/{k}"])
-        col, rs = loop.collect(run, rs, warmup + steps)
-        batch, rs, _ = loop.assemble(run, rs, loop.score(run, col)[0])
+        col, rs = sampling.collect(run, rs, warmup + steps)
+        batch, rs, _ = loop.assemble(run, rs, sampling.score(run, col)[0])
         ref_s, update_s, state = [], [], rs.train
         for _ in range(steps):
             start = time.perf_counter()

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from grpo_jax import config as config_lib
-from grpo_jax import storage
+from grpo_jax import stats, storage
 from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.tracking import read_metrics
 
@@ -195,20 +195,36 @@ def _fmt(x: float) -> str:
     return "nan" if not np.isfinite(x) else (f"{x:.3g}" if abs(x) < 1e4 else f"{x:.4g}")
 
 
+def _interval(iv: stats.Interval) -> str:
+    return _fmt(iv.mean) if iv.n < 2 else f"{_fmt(iv.mean)} [{_fmt(iv.lo)}, {_fmt(iv.hi)}]"
+
+
 def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds_used) -> str:
+    """The report: per variant and column the seed mean, its 95% bootstrap interval over seeds and each seed's value;
+    with an ``anchor``, each variant's ratio of means to it and its paired per-seed difference with an interval
+    (``grpo_jax.stats``)."""
     columns = list(next(iter(table.values())))
     head = f"| variant | {' | '.join(columns)} |\n|{' --- |' * (len(columns) + 1)}\n"
-    cell = lambda vs: f"{_fmt(float(np.mean(vs)))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
+    cell = lambda vs: f"{_interval(stats.bootstrap(vs))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
     text = head + "".join(f"| {name} | {' | '.join(cell(row[c]) for c in columns)} |\n" for name, row in table.items())
-    text = (f"Mean over seeds {list(seeds_used)} (each seed in brackets). `initial:`/`final:` the value at the "
-            f"run's first/last step that logs it, `first:`/`last:` the mean of the first/last {ab.window} steps, "
-            f"`mean:`/`median:`/`min:`/`sum:` over all steps; wall_s is each run's wall time (compilation, "
-            f"evaluation and, for the run that trained it, the shared warm start included).\n\n") + text
+    text = (f"Mean over seeds {list(seeds_used)} [95% bootstrap interval over the seeds] (each seed's value). "
+            f"`initial:`/`final:` the value at the run's first/last step that logs it, `first:`/`last:` the mean of "
+            f"the first/last {ab.window} steps, `mean:`/`median:`/`min:`/`sum:` over all steps; wall_s is each run's "
+            f"wall time (compilation, evaluation and, for the run that trained it, the shared warm start "
+            f"included).\n\n") + text
     if ab.anchor is not None:
         base = {c: float(np.mean(v)) for c, v in table[ab.anchor].items()}
         ratio = lambda name, c: float(np.mean(table[name][c])) / base[c] if base[c] else float("nan")  # noqa: E731
         text += (f"\nRatio of each variant's seed mean to `{ab.anchor}`'s:\n\n{head}"
                  + "".join(f"| {n} | {' | '.join(_fmt(ratio(n, c)) for c in columns)} |\n" for n in table))
+
+        def diff(name, c):
+            iv = stats.paired(table[name][c], table[ab.anchor][c])
+            return _interval(iv) + (" *" if iv.excludes(0.0) else "")
+
+        text += (f"\nPaired difference to `{ab.anchor}` (variant - {ab.anchor}, seed by seed: same seed, same warm "
+                 f"start), mean [95% bootstrap interval]; * where the interval excludes 0:\n\n{head}"
+                 + "".join(f"| {n} | {' | '.join(diff(n, c) for c in columns)} |\n" for n in table if n != ab.anchor))
     return text
 
 

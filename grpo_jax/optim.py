@@ -75,9 +75,26 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+def critic_labels(params):
+    """``params``' tree labelled ``critic`` under the top-level ``critic`` key (PPO's separate value model), else
+    ``policy``."""
+
+    def leaf(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return "critic" if names and names[0] == "critic" else "policy"
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_updates: int, *,
+                   critic: OptimConfig | None = None) -> optax.GradientTransformation:
     """Global-norm clipping (unless ``max_grad_norm`` is None), then AdamW at ``make_schedule(cfg, total_updates)``
-    with weight decay masked by ``decay_mask`` (formulas in the module docstring)."""
+    with weight decay masked by ``decay_mask`` (formulas in the module docstring). With ``critic``, the params under
+    ``critic`` (``critic_labels``) get an optimizer of their own built from it: their own clipping norm, moments and
+    learning rate."""
+    if critic is not None:
+        return optax.multi_transform({"policy": make_optimizer(cfg, total_updates),
+                                      "critic": make_optimizer(critic, total_updates)}, critic_labels)
     adamw = optax.adamw(make_schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []

@@ -26,9 +26,9 @@ from grpo_jax.data import OrderState, batch_at
 
 @dataclasses.dataclass(frozen=True)
 class Produced:
-    """A batch sampled and scored in the background: ``loop.score``'s outputs, the params version, the times."""
+    """A batch sampled and scored in the background: ``sampling.score``'s outputs, the params version, the times."""
 
-    collected: object  # loop.Collected
+    collected: object  # sampling.Collected
     scored: object  # algorithms.Scored
     correct_B: object
     metrics: dict

@@ -42,7 +42,7 @@ def dapo() -> AlgoConfig:
     L = (1/Σ_i|o_i|) Σ_i Σ_t -min(ρ_it A_i, clip(ρ_it, 0.8, 1.28) A_i), A_i group-normalised.
     The recipe's other two parts live on the rollout side: overlong reward shaping
     (``grpo_jax.rewards.overlong_penalty``) and dynamic sampling (``train.dynamic_sampling``: generate more groups
-    until the batch holds ``batch_prompts`` groups whose rewards differ, ``grpo_jax.loop.refill``).
+    until the batch holds ``batch_prompts`` groups whose rewards differ, ``grpo_jax.sampling.refill``).
     """
     return AlgoConfig(
         loss=LossConfig(kind="grpo", clip_low=0.2, clip_high=0.28, agg="token-mean", beta=0.0),

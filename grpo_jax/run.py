@@ -25,7 +25,7 @@ from grpo_jax.models import ModelConfig
 from grpo_jax.multihost import is_primary, sync
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardPool, resolve_rewards
-from grpo_jax.run_setup import build_policy, load_reference, load_tokenizer, logprob_fn, warm_start
+from grpo_jax.run_setup import build_policy, load_model, load_reference, load_tokenizer, logprob_fn, warm_start
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import MetricsWriter, compiled_stats, tree_bytes
 from grpo_jax.train_step import StepConfig, contiguous_split, init_train_state, make_train_step, state_sharding
@@ -137,7 +137,8 @@ def write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
 def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
     """(initial TrainState, jitted train step of the algorithm's objective, its ``train.layout`` or None when
     padded). A packed layout's step plans each batch's rows on the host (``grpo_jax.layout.planned_step``)."""
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps * cfg.train.num_iterations)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps * cfg.train.num_iterations,
+                               critic=algorithm.critic_optim(cfg.optim))
     step_cfg = StepConfig(num_iterations=cfg.train.num_iterations, micro_batches=cfg.train.micro_batches,
                           temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
                           log_entropy=cfg.train.log_entropy, grad_variance=cfg.train.grad_variance)
@@ -171,15 +172,17 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     tokenizer, algorithm = load_tokenizer(cfg.model), build_algorithm(cfg)
     splits, terms = build_splits(cfg.data, tokenizer), resolve_rewards(cfg.rewards)
     policy = warm_start(cfg, build_policy(cfg, tokenizer, mesh), tokenizer, splits.train, run_dir, mesh)
-    graphdef, params = nnx.split(algorithm.prepare_policy(policy, mesh))
-    ref_graphdef, ref_params = (load_reference(cfg, (graphdef, params), mesh) if algorithm.needs_reference
+    bare = nnx.split(policy)  # the reference copies the policy alone, not what the algorithm trains beside it
+    prepared = algorithm.prepare_policy(policy, mesh, load=lambda path: load_model(path, cfg, mesh))
+    graphdef, params = nnx.split(prepared)
+    ref_graphdef, ref_params = (load_reference(cfg, bare, mesh) if algorithm.needs_reference
                                 else (graphdef, None))
     state, train_step, layout = _step(cfg, algorithm, graphdef, params, mesh)
     ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches,
                               layout, mesh)
     policy_logprobs = None
     if algorithm.needs_policy_logprobs:  # the reference's pass when it is a copy of the policy (same graphdef)
-        policy_logprobs = ref_logprobs if ref_graphdef is graphdef else logprob_fn(
+        policy_logprobs = ref_logprobs if ref_graphdef == graphdef else logprob_fn(
             graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches, layout, mesh)
     key, eval_key = jax.random.split(jax.random.key(cfg.seed))
     run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, tokenizer=tokenizer, splits=splits, terms=terms,

@@ -37,7 +37,8 @@ def load_tokenizer(model_cfg: ModelSection):
     return tokenizer
 
 
-def _load(path, cfg: ExperimentConfig, mesh) -> CausalLM:
+def load_model(path, cfg: ExperimentConfig, mesh) -> CausalLM:
+    """An HF folder (local or gs://) with the run's model settings (dtypes, remat, scanned layers)."""
     m = cfg.model
     return load_hf(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat, scan_layers=m.scan_layers)
 
@@ -46,7 +47,7 @@ def build_policy(cfg: ExperimentConfig, tokenizer, mesh) -> CausalLM:
     """The initial policy: ``model.path`` loaded, or ``model.init`` randomly initialised from ``cfg.seed``."""
     m = cfg.model
     if m.path is not None:
-        return _load(m.path, cfg, mesh)
+        return load_model(m.path, cfg, mesh)
     model_cfg = dataclasses.replace(m.init, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                                     scan_layers=m.scan_layers)
     if model_cfg.vocab_size < len(tokenizer):
@@ -71,7 +72,7 @@ def warm_start(cfg: ExperimentConfig, policy: CausalLM, tokenizer, train_example
             (folder / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         log.info("warm start: %d SFT steps, final loss %.4f", len(history),
                  history[-1]["loss"] if history else float("nan"))
-    return _load(folder, cfg, mesh)
+    return load_model(folder, cfg, mesh)
 
 
 def export_hf(model: CausalLM, folder, tokenizer=None) -> None:
@@ -95,7 +96,7 @@ def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State]
     if cfg.model.ref_path is None:
         graphdef, params = policy
         return graphdef, jax.tree.map(jnp.copy, params)
-    return nnx.split(_load(cfg.model.ref_path, cfg, mesh))
+    return nnx.split(load_model(cfg.model.ref_path, cfg, mesh))
 
 
 def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int, micro_batches: int = 1,

@@ -244,9 +244,11 @@ def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation)
     shardings = jax.tree.map(lambda x: x.sharding, params)
     first = jax.tree.leaves(shardings)[0]
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), shardings,
+    masked = optax.transforms._masking.MaskedNode  # a param another part of a multi_transform optimizer owns
+    opt_shardings = optax.tree_map_params(optimizer, lambda p, s: p if isinstance(p, masked) else s,
+                                          jax.eval_shape(optimizer.init, params), shardings,
                                           transform_non_params=lambda _: replicated,
-                                          is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+                                          is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked)))
     out = TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
     init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)),
                    out_shardings=out)

@@ -46,8 +46,10 @@ def test_summary_table_and_ratios_by_hand(tmp_path):
     assert table["grpo"] == {"last:accuracy": [0.8, 1.0], "final:memory/peak_bytes": [75.0, 75.0],
                              "wall_s": [10.0, 20.0]}
     text = markdown(ab, table, (0, 1))
-    assert "| grpo | 0.9 (0.8, 1) | 75 (75, 75) | 15 (10, 20) |" in text
+    # two seeds: resampled means are the two values (1/4 each) or their mean (1/2): the interval spans the seeds
+    assert "| grpo | 0.9 [0.8, 1] (0.8, 1) | 75 [75, 75] (75, 75) | 15 [10, 20] (10, 20) |" in text
     assert "| grpo | 1.8 | 0.75 | 1 |" in text  # ratios to ppo: accuracy .9/.5, memory 75/100, wall time 15/15
+    assert "| grpo | 0.4 [0.4, 0.4] * | -25 [-25, -25] * | 0 [0, 0] |" in text  # paired: seed 0 - seed 0, ...
 
 
 def test_ablation_config_errors(tmp_path):

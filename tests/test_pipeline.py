@@ -121,11 +121,11 @@ def test_a_bfloat16_sampler_is_measured_against_the_float32_trainer(tmp_path):
 def test_a_sampler_on_its_own_devices_samples_what_the_trainers_mesh_samples(tmp_path, monkeypatch):
     """rollout.mesh: the trainer on devices 0-3 (data 4), the sampler on 4-7 (data 2 x tensor 2). The weights are
     resharded onto the sampler's devices for every batch (timed) and the samples come back onto the trainer's."""
-    from grpo_jax import loop
+    from grpo_jax import sampling
 
     devices = []
-    sample = loop.sample
-    monkeypatch.setattr(loop, "sample", lambda run, params, *a: (
+    sample = sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda run, params, *a: (
         devices.append({d.id for x in jax.tree.leaves(params) for d in x.devices()}), sample(run, params, *a))[1])
     shared, p_shared = run(tmp_path, "shared", trainer_mesh={"num_devices": 4})
     own, p_own = run(tmp_path, "own", trainer_mesh={"num_devices": 4}, mesh={"first_device": 4, "data": 2, "tensor": 2})

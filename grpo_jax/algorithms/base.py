@@ -148,8 +148,14 @@ class Algorithm(abc.ABC):
     def stateful(self) -> bool:
         return False
 
-    def prepare_policy(self, policy, mesh):
+    def prepare_policy(self, policy, mesh, load=None):
+        """The policy with what the kind trains beside it (e.g. PPO's critic); ``load(path)`` loads an HF folder
+        with the run's model settings."""
         return policy
+
+    def critic_optim(self, optim):
+        """The optimizer config of a separate critic (``make_optimizer(critic=...)``), None when there is none."""
+        return None
 
     # -- batch ----------------------------------------------------------------------------------------------------
     @abc.abstractmethod

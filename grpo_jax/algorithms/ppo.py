@@ -1,5 +1,6 @@
 """PPO with a learned critic (Schulman et al. 2017; the RLHF form of Ouyang et al. 2022): a value head on the policy's
-own backbone (``grpo_jax.critic``), the sequence reward on each row's last completion token, GAE advantages and
+own backbone or a separate value model (``algo.ppo.critic``, ``grpo_jax.critic``), the sequence reward on each
+row's last completion token, GAE advantages and
 returns from the critic's values before the update (``grpo_jax.advantages.gae``), and
 
     L = (num_pg + c_v·num_vf) / den_pg       (``ppo_objective_parts``: clipped surrogate + β·KL + clipped value loss)
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from grpo_jax.advantages import ppo_advantages
 from grpo_jax.algorithms.base import Algorithm, Passes, Scored, rollout_batch, token_adv_metrics
-from grpo_jax.critic import add_value_head, logprobs_and_values
+from grpo_jax.critic import add_critic_model, add_value_head, logprobs_and_values
 from grpo_jax.losses import PPOConfig, finalize_ppo_stats, ppo_objective_parts
 from grpo_jax.train_step import Batch
 
@@ -30,8 +31,16 @@ class PPO(Algorithm):
     needs_values = True
     packs = False  # the value head reads the padded rows' hidden states (``logprobs_and_values``)
 
-    def prepare_policy(self, policy, mesh):
-        return add_value_head(policy, mesh)
+    def prepare_policy(self, policy, mesh, load=None):
+        ppo = self.algo.ppo
+        if ppo.critic == "head":
+            return add_value_head(policy, mesh)
+        return add_critic_model(policy, mesh, None if ppo.critic_path is None else load(ppo.critic_path))
+
+    def critic_optim(self, optim):
+        if self.algo.ppo.critic == "head":
+            return None
+        return optim if self.algo.ppo.critic_lr is None else dataclasses.replace(optim, lr=self.algo.ppo.critic_lr)
 
     def assemble(self, scored: Scored, passes: Passes, moments):
         """Old values V_old = the critic before the update (like the old log-probs), token-level GAE advantages

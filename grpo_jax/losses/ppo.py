@@ -10,6 +10,7 @@ last valid token (bootstrap value 0).
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +22,28 @@ from grpo_jax.losses.terms import aggregate_parts, as_f32, as_mask, safe_divide
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOConfig:
     """Critic side of PPO: GAE discount ``gamma`` and trace ``lam``, value-loss weight ``vf_coef`` and clip range
-    ``value_clip`` (None: unclipped), and whether advantages are whitened over the batch's valid tokens."""
+    ``value_clip`` (None: unclipped), and whether advantages are whitened over the batch's valid tokens.
+
+    ``critic``: ``head`` (a value head on the policy's backbone, one optimizer) or ``separate`` (a second decoder
+    as large as the policy, initialised from the policy after any warm start, or from the HF folder ``critic_path``
+    such as a reward model; its own Adam state, clipping and learning rate ``critic_lr``, default ``optim.lr``)."""
 
     gamma: float = 1.0
     lam: float = 0.95
     vf_coef: float = 0.1
     value_clip: float | None = 0.2
     whiten_advantages: bool = True
+    critic: Literal["head", "separate"] = "head"
+    critic_path: str | None = None
+    critic_lr: float | None = None
 
     def __post_init__(self):
+        if self.critic not in ("head", "separate"):
+            raise ValueError(f"critic must be 'head' or 'separate', got {self.critic!r}")
+        if self.critic == "head" and (self.critic_path is not None or self.critic_lr is not None):
+            raise ValueError("critic_path and critic_lr describe a separate critic: set critic: separate")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ValueError(f"critic_lr must be > 0, got {self.critic_lr}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

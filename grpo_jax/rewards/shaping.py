@@ -39,7 +39,7 @@ def zero_variance_mask(rewards_B: jax.Array, group_size: int) -> jax.Array:
     Groups where every response got the same reward (all solved or all failed) have zero advantage and so carry
     no gradient; the mask also takes them out of the loss's denominators. This is not DAPO's dynamic sampling,
     which over-samples and refills the batch with groups that carry signal (``train.dynamic_sampling``,
-    ``grpo_jax.loop.refill``). Equality is exact (max == min), as in the advantages.
+    ``grpo_jax.sampling.refill``). Equality is exact (max == min), as in the advantages.
     """
     r_GxN = _group_view(rewards_B, group_size, "zero_variance_mask")
     keep_G = r_GxN.max(axis=1) != r_GxN.min(axis=1)
