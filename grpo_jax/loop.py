@@ -16,6 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
@@ -23,6 +24,7 @@ from grpo_jax import sampling
 from grpo_jax.algorithms import Passes, Scored
 from grpo_jax.evaluation import evaluate
 from grpo_jax.experiment import ExperimentConfig
+from grpo_jax.mechanisms import mechanism_metrics
 from grpo_jax.mesh import shard_batch
 from grpo_jax.multihost import is_primary, to_host
 from grpo_jax.perf import step_throughput
@@ -138,10 +140,19 @@ def train_one_step(run: Run, rs: RunState, step: int, first: bool,
     if rs.history is not None:
         rs.history.update(col.examples, col.sizes, correct_B, col.lengths_B[:col.n_valid])
     metrics = adv_metrics | sampling.step_metrics(col, scored, correct_B, rs) | metrics | {  # the rollout stage's win
-        f"train/{k}": float(v) for k, v in train_metrics.items()}
+        f"train/{k}": float(v) for k, v in train_metrics.items()} | mechanisms(run, col, batch, correct_B)
     times |= {"prep_s": t3 - t2, "train_s": t5 - t4}
     metrics |= {f"time/{k}": v for k, v in times.items()} | {"time/step_s": time.perf_counter() - t0}
     return rs, metrics | throughput(run, col, batch, times) | (device_memory() if run.cfg.train.log_memory else {})
+
+
+def mechanisms(run: Run, col: sampling.Collected, batch: Batch, correct_B: np.ndarray) -> dict[str, float]:
+    """``mech/*``: the batch's effective per-token weights by answer correctness and length, and their share per
+    difficulty level (``grpo_jax.mechanisms``)."""
+    rows = col.rows[:col.n_valid]
+    levels = [r["level"] for r in rows] if rows and "level" in rows[0] else None
+    loss = run.algorithm.loss
+    return mechanism_metrics(batch.adv, batch.loss_mask_BxS, loss.agg, loss.norm_len, correct_B, levels)
 
 
 def throughput(run: Run, col: sampling.Collected, batch: Batch, times: dict[str, float]) -> dict[str, float]:
