@@ -8,6 +8,7 @@ runs another grid over the same config)::
     variants:                      # name -> dotted overrides of config.yaml
       grpo: [algo.preset=grpo]
       dr_grpo: [algo.preset=dr_grpo]
+    common: [data.levels=[1,3]]    # overrides of every run (optional)
     quick: [train.steps=4]         # extra overrides for --quick (a smoke run of the whole grid)
     table: [final:eval/accuracy, last:length/incorrect_mean]
     plots: [{file: length.png, metrics: [length/correct_mean, length/incorrect_mean]}]
@@ -66,6 +67,7 @@ class AblationConfig:
 
     seeds: tuple[int, ...] = (0, 1)
     variants: dict[str, tuple[str, ...]]
+    common: tuple[str, ...] = ()  # overrides of every run, before the variant's (a setting the grid fixes)
     quick: tuple[str, ...] = ()
     quick_seeds: tuple[int, ...] | None = None
     table: tuple[str, ...] = ("final:eval/accuracy",)
@@ -109,7 +111,7 @@ def grid(folder: Path, ab: AblationConfig, *, quick: bool, overrides=()) -> list
     for name, variant in ab.variants.items():
         for seed in seeds:
             try:
-                cfg = load_experiment(folder, [*variant, *extra, f"seed={seed}"])
+                cfg = load_experiment(folder, [*ab.common, *variant, *extra, f"seed={seed}"])
             except config_lib.ConfigError as e:
                 raise config_lib.ConfigError(f"ablation variant {name!r}: {e}") from None
             out.append((name, seed, cfg))

@@ -68,9 +68,11 @@ def test_ablation_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="variant 'bad'.*stepz"):
         grid(folder, load_ablation(folder), quick=False)
     assert cli.main(["ablate", str(folder)]) == 2  # one config-error line, before any compute
-    (folder / "second.yaml").write_text("variants: {one: [train.steps=3]}\nseeds: [4]\n")
+    (folder / "second.yaml").write_text("variants: {one: [train.steps=3]}\nseeds: [4]\n"
+                                        "common: [train.steps=9, train.batch_prompts=2]\n")
     (name, seed, cfg), = grid(folder, load_ablation(folder, "second.yaml"), quick=False)  # a name in the folder
-    assert (name, seed, cfg.train.steps, cfg.seed) == ("one", 4, 3, 4)
+    assert (name, seed, cfg.train.steps, cfg.seed) == ("one", 4, 3, 4)  # the variant overrides `common`
+    assert cfg.train.batch_prompts == 2
     assert load_ablation(folder, folder / "second.yaml") == load_ablation(folder, "second.yaml")
     with pytest.raises(ConfigError, match="nope.yaml: no such file"):
         load_ablation(folder, "nope.yaml")
