@@ -120,12 +120,14 @@ def test_length_bias_quick_grid_and_rerun(tmp_path):
     assert {v: metrics(out / v / "seed0") for v in ab.variants} == before
 
 
-@pytest.mark.slow
-def test_difficulty_bias_quick_grid(tmp_path):
-    out, _ = _quick("ablate_difficulty_bias", tmp_path)
-    rows = metrics(out / "dynamic_group" / "seed0")
-    assert all(r["group/rows_used"] <= 32 and r["group/size_min"] >= 2 for r in rows[1:])
-    assert "mean:adv/std" in (out / "results.md").read_text()
+def test_difficulty_bias_grids_build():
+    """Both difficulty grids build every run's config (their runs end to end: the length-bias and compare quick
+    grids, and dynamic groups by level in ``test_dynamic_groups_and_running_moments_resume_exactly``)."""
+    folder = ROOT / "experiments" / "ablate_difficulty_bias"
+    near = grid(folder, load_ablation(folder), quick=True)
+    far = grid(folder, load_ablation(folder, "far_levels.yaml"), quick=False)
+    assert {c.data.levels for _, _, c in near} == {(1, 2)} and {c.data.levels for _, _, c in far} == {(1, 3)}
+    assert len(far) == 4 * 5 and {n for n, _, c in far if c.rollout.dynamic_group is not None} == {"dynamic_group"}
 
 
 @pytest.mark.slow
@@ -163,6 +165,7 @@ def test_dynamic_groups_and_running_moments_resume_exactly(tmp_path):
     assert strip(metrics(cut)) == strip(metrics(full))
     rows = metrics(full)
     assert [r["group/rows_used"] for r in rows[1:]] and all(r["group/rows_used"] <= 16 for r in rows[1:])
+    assert all(r["mech/weight_share/level_1"] + r["mech/weight_share/level_2"] == pytest.approx(1.0) for r in rows[1:])
     assert len({(r["group/size_min"], r["group/size_max"]) for r in rows[1:]}) > 1  # sizes follow the history
     assert rows[-1]["adv/running_std"] > 0 and "accuracy/level_2" in rows[-1]
 

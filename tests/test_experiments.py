@@ -69,18 +69,20 @@ def test_countdown_r1_runs_a_few_grpo_steps(tmp_path):
 
 @pytest.mark.slow
 def test_arith_tiny_shortened_raises_the_sampled_accuracy(tmp_path):
-    """The default experiment at a fraction of its length (1500 warm-start steps instead of 3000, 30 GRPO steps):
-    GRPO removes the warm start's units-digit slip, so the training accuracy rises (measured 2026-12-02: 47.4% over
-    the first 5 steps, 66.4% over the last 10). Where a shortened warm start ends is sensitive to float rounding:
-    with 800 or 1200 steps it ended at 10-13% sampled accuracy, from which 30 steps did not move."""
+    """The default experiment's mechanism at a fraction of its cost: single-digit sums (``data.difficulty=1``), 40
+    warm-start steps on the same flawed demonstrations (60% of the questions taught with the units digit one too
+    high), 25 GRPO steps. The warm start already samples the slip on the flawed questions (~36% sampled accuracy);
+    GRPO removes it (measured 2026-12-02: 35.5% over the first 5 steps, 65.6% over the last 10; seeds 1 and 2:
+    36.2 -> 62.1%, 34.8 -> 59.2%). The full-size run and its figures: experiments/arith_tiny/README.md."""
     folder = Path(__file__).parents[1] / "experiments" / "arith_tiny"
-    cfg = load_experiment(folder, ["warm_start.sft.steps=1500", "train.steps=30", "eval.num_examples=0",
-                                   "mesh.num_devices=1", "checkpoint.every=100", "checkpoint.export_hf=false"])
+    cfg = load_experiment(folder, ["data.difficulty=1", "warm_start.sft.steps=40", "train.steps=25",
+                                   "eval.num_examples=0", "mesh.num_devices=1", "checkpoint.every=100",
+                                   "checkpoint.export_hf=false"])
     train(cfg, tmp_path / "run", show_progress=False)
     accuracy = [r["accuracy"] for r in metrics(tmp_path / "run") if "accuracy" in r]
-    assert len(accuracy) == 30
+    assert len(accuracy) == 25
     first, last = sum(accuracy[:5]) / 5, sum(accuracy[-10:]) / 10  # 5 x 256 and 10 x 256 samples
-    assert last > first + 0.03, (first, last)
+    assert last > first + 0.1, (first, last)
 
 
 def test_flawed_warm_start_targets_are_systematic():
