@@ -21,18 +21,16 @@ that is there).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from grpo_jax import config as config_lib
-from grpo_jax import stats, storage
+from grpo_jax import storage
 from grpo_jax.experiment import ExperimentConfig, load_experiment
+from grpo_jax.report import REACH, markdown, plot, reduce_metric, summarize  # noqa: F401 (the API)
 from grpo_jax.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -62,7 +60,9 @@ class AblationConfig:
     the value at the first/last step that has it (eval metrics; ``initial:eval/accuracy`` is the warm start's),
     ``first``/``last`` the mean over the first/last ``window`` steps that
     have it, ``mean``/``median``/``min``/``sum`` over all steps (median and min for timings: the first step compiles;
-    ``sum:time/step_s`` is the RL steps' wall time without warm start and evaluation). ``anchor`` (a variant) adds
+    ``sum:time/step_s`` is the RL steps' wall time without warm start and evaluation); ``steps_to_<level>`` /
+    ``time_to_<level>`` when the trailing ``window`` mean first reaches level (e.g.
+    ``steps_to_0.6:accuracy``). ``anchor`` (a variant) adds
     a table of every variant's ratio to it."""
 
     seeds: tuple[int, ...] = (0, 1)
@@ -83,8 +83,9 @@ class AblationConfig:
             raise ValueError(f"ablation: variant names must be letters, digits, '_' or '-', got {bad}")
         for entry in self.table:
             reduce, _, metric = entry.partition(":")
-            if reduce not in REDUCES or not metric:
-                raise ValueError(f"ablation.table entry {entry!r}: write reduce:metric, reduce in {'|'.join(REDUCES)}")
+            if (reduce not in REDUCES and not REACH.fullmatch(reduce)) or not metric:
+                raise ValueError(f"ablation.table entry {entry!r}: write reduce:metric, reduce in {'|'.join(REDUCES)}"
+                                 " or steps_to_<level>|time_to_<level>")
         if self.window < 1:
             raise ValueError(f"ablation.window must be >= 1, got {self.window}")
         if self.anchor is not None and self.anchor not in self.variants:
@@ -150,118 +151,6 @@ def run_grid(folder: Path, out: storage.Location, ab: AblationConfig, *, quick: 
         if key is not None:
             warm.setdefault(key, run_dir)
     return dirs
-
-
-def _series(rows: list[dict], metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
-    clock = np.cumsum([r.get("time/step_s", 0.0) for r in rows])
-    pts = [((clock[i] if x == "time" else r["step"]), r[metric]) for i, r in enumerate(rows)
-           if isinstance(r.get(metric), float)]
-    return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.zeros(0), np.zeros(0))
-
-
-def reduce_metric(rows: list[dict], reduce: Reduce, metric: str, window: int) -> float:
-    _, v = _series(rows, metric, "step")
-    if v.size == 0:
-        return float("nan")
-    return float({"initial": v[0], "final": v[-1], "first": v[:window].mean(), "last": v[-window:].mean(),
-                  "mean": v.mean(), "median": np.median(v), "min": v.min(), "sum": v.sum()}[reduce])
-
-
-def _expand(patterns, all_rows: list[list[dict]]) -> list[str]:
-    names = sorted({k for rows in all_rows for r in rows for k in r})
-    out = []
-    for pattern in patterns:
-        out += [n for n in names if fnmatch.fnmatchcase(n, pattern) and n not in out] or [pattern]
-    return out
-
-
-def summarize(ab: AblationConfig, dirs: dict[str, dict[int, storage.Location]]) -> dict[str, dict[str, list[float]]]:
-    """{variant: {"reduce:metric": [value per seed]}} plus "wall_s" (each run's wall time)."""
-    rows_of = {d: read_metrics(d) for seeds in dirs.values() for d in seeds.values()}
-    columns = [f"{e.partition(':')[0]}:{m}" for e in ab.table for m in _expand([e.partition(":")[2]], rows_of.values())]
-    table: dict[str, dict[str, list[float]]] = {}
-    for name, seeds in dirs.items():
-        table[name] = {c: [] for c in [*columns, "wall_s"]}
-        for run_dir in seeds.values():
-            rows = rows_of[run_dir]
-            for c in columns:
-                reduce, _, metric = c.partition(":")
-                table[name][c].append(reduce_metric(rows, reduce, metric, ab.window))
-            summary = run_dir / "summary.json"
-            table[name]["wall_s"].append(
-                json.loads(summary.read_text())["wall_s"] if summary.exists() else float("nan"))
-    return table
-
-
-def _fmt(x: float) -> str:
-    return "nan" if not np.isfinite(x) else (f"{x:.3g}" if abs(x) < 1e4 else f"{x:.4g}")
-
-
-def _interval(iv: stats.Interval) -> str:
-    return _fmt(iv.mean) if iv.n < 2 else f"{_fmt(iv.mean)} [{_fmt(iv.lo)}, {_fmt(iv.hi)}]"
-
-
-def markdown(ab: AblationConfig, table: dict[str, dict[str, list[float]]], seeds_used) -> str:
-    """The report: per variant and column the seed mean, its 95% bootstrap interval over seeds and each seed's value;
-    with an ``anchor``, each variant's ratio of means to it and its paired per-seed difference with an interval
-    (``grpo_jax.stats``)."""
-    columns = list(next(iter(table.values())))
-    head = f"| variant | {' | '.join(columns)} |\n|{' --- |' * (len(columns) + 1)}\n"
-    cell = lambda vs: f"{_interval(stats.bootstrap(vs))} ({', '.join(_fmt(v) for v in vs)})"  # noqa: E731
-    text = head + "".join(f"| {name} | {' | '.join(cell(row[c]) for c in columns)} |\n" for name, row in table.items())
-    text = (f"Mean over seeds {list(seeds_used)} [95% bootstrap interval over the seeds] (each seed's value). "
-            f"`initial:`/`final:` the value at the run's first/last step that logs it, `first:`/`last:` the mean of "
-            f"the first/last {ab.window} steps, `mean:`/`median:`/`min:`/`sum:` over all steps; wall_s is each run's "
-            f"wall time (compilation, evaluation and, for the run that trained it, the shared warm start "
-            f"included).\n\n") + text
-    if ab.anchor is not None:
-        base = {c: float(np.mean(v)) for c, v in table[ab.anchor].items()}
-        ratio = lambda name, c: float(np.mean(table[name][c])) / base[c] if base[c] else float("nan")  # noqa: E731
-        text += (f"\nRatio of each variant's seed mean to `{ab.anchor}`'s:\n\n{head}"
-                 + "".join(f"| {n} | {' | '.join(_fmt(ratio(n, c)) for c in columns)} |\n" for n in table))
-
-        def diff(name, c):
-            iv = stats.paired(table[name][c], table[ab.anchor][c])
-            return _interval(iv) + (" *" if iv.excludes(0.0) else "")
-
-        text += (f"\nPaired difference to `{ab.anchor}` (variant - {ab.anchor}, seed by seed: same seed, same warm "
-                 f"start), mean [95% bootstrap interval]; * where the interval excludes 0:\n\n{head}"
-                 + "".join(f"| {n} | {' | '.join(diff(n, c) for c in columns)} |\n" for n in table if n != ab.anchor))
-    return text
-
-
-def plot(ab: AblationConfig, dirs: dict[str, dict[int, storage.Location]], report: storage.Location) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {name: [read_metrics(d) for d in seeds.values()] for name, seeds in dirs.items()}
-    files = []
-    for spec in ab.plots:
-        metrics = _expand(spec.metrics, [r for rs in runs.values() for r in rs])
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
-            for name, seed_rows in runs.items():
-                series = [_series(rows, metric, spec.x) for rows in seed_rows]
-                n = min(len(v) for _, v in series)
-                if n == 0:
-                    continue
-                x = np.mean([s[0][:n] for s in series], axis=0)
-                ys = np.array([s[1][:n] for s in series])
-                (line,) = ax.plot(x, ys.mean(0), marker="o" if n < 12 else None, ms=3, label=name)
-                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-            ax.set_title(metric, fontsize=9)
-            ax.set_xlabel("step" if spec.x == "step" else "wall time of the steps (s)")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        path = report / spec.file
-        with path.open("wb") as f:  # through the path layer: report may be gs://
-            fig.savefig(f, format="png", dpi=90)
-        plt.close(fig)
-        files.append(path)
-    return files
 
 
 def ablate(folder: str | Path, *, out: str | Path | None = None, quick: bool = False, overrides=(),

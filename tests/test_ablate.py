@@ -27,6 +27,10 @@ def test_reduce_by_hand():
     rows[1]["a"] = 60.0  # a first step that compiles: the median and min ignore it
     assert reduce_metric(rows, "median", "a", 2) == 4.5 and reduce_metric(rows, "min", "a", 2) == 2.0
     assert reduce_metric(rows, "sum", "a", 2) == 60 + 2 + 3 + 4 + 5 + 6
+    # convergence speed: a = 1, 5, 2, 6, 7 at steps 1-5 (1 s each); trailing means of 2: 1, 3, 3.5, 4, 6.5
+    rows = [{"step": i + 1, "a": a, "time/step_s": 1.0} for i, a in enumerate([1.0, 5.0, 2.0, 6.0, 7.0])]
+    assert reduce_metric(rows, "steps_to_4", "a", 2) == 4 and reduce_metric(rows, "time_to_4", "a", 2) == 4.0
+    assert reduce_metric(rows, "steps_to_5", "a", 1) == 2 and np.isnan(reduce_metric(rows, "steps_to_7", "a", 2))
 
 
 def test_summary_table_and_ratios_by_hand(tmp_path):
@@ -57,6 +61,9 @@ def test_ablation_config_errors(tmp_path):
         AblationConfig(variants={"a": ()}, table=("mode:x",))
     with pytest.raises(ValueError, match="anchor='b' is not a variant"):
         AblationConfig(variants={"a": ()}, anchor="b")
+    with pytest.raises(ValueError, match="steps_to_<level>"):
+        AblationConfig(variants={"a": ()}, table=("steps_to_x:accuracy",))
+    assert AblationConfig(variants={"a": ()}, table=("steps_to_0.6:accuracy", "time_to_0.6:accuracy")).table
     with pytest.raises(ValueError, match="letters, digits"):
         AblationConfig(variants={"a/b": ()})
     with pytest.raises(ValueError, match="ending in .png"):
@@ -134,7 +141,7 @@ def test_difficulty_bias_grids_build():
 def test_compare_quick_grid_reports_memory_variance_and_ratios(tmp_path):
     out, _ = _quick("compare_ppo_dpo", tmp_path)
     table = json.loads((out / "results.json").read_text())
-    for kind in ("grpo", "ppo", "dpo"):
+    for kind in ("grpo", "ppo", "ppo_separate", "dpo"):
         assert table[kind]["final:memory/train_step/peak_bytes"][0] > 0
         assert np.isfinite(table[kind]["mean:train/grad_rel_var"][0])
     # the value head (params, Adam moments, values) makes PPO's train step hold more than GRPO's
@@ -143,7 +150,11 @@ def test_compare_quick_grid_reports_memory_variance_and_ratios(tmp_path):
     assert np.isnan(table["grpo"]["final:memory/value_pass/peak_bytes"][0])
     assert table["ppo"]["final:memory/value_pass/peak_bytes"][0] > 0
     assert table["dpo"]["final:memory/reference_params_bytes"][0] > 0  # DPO scores against a held reference
-    assert "Ratio of each variant's seed mean to `ppo`'s" in (out / "results.md").read_text()
+    # a second decoder with its own Adam moments: PPO's train step with a separate critic holds much more
+    assert (table["ppo_separate"]["final:memory/train_step/peak_bytes"][0]
+            > 1.3 * table["ppo"]["final:memory/train_step/peak_bytes"][0])
+    text = (out / "results.md").read_text()
+    assert "Ratio of each variant's seed mean to `ppo_separate`'s" in text and "Paired difference to" in text
 
 
 def test_dynamic_groups_and_running_moments_resume_exactly(tmp_path):
