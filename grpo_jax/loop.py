@@ -152,7 +152,8 @@ def mechanisms(run: Run, col: sampling.Collected, batch: Batch, correct_B: np.nd
     rows = col.rows[:col.n_valid]
     levels = [r["level"] for r in rows] if rows and "level" in rows[0] else None
     loss = run.algorithm.loss
-    return mechanism_metrics(batch.adv, batch.loss_mask_BxS, loss.agg, loss.norm_len, correct_B, levels)
+    return mechanism_metrics(to_host(batch.adv), to_host(batch.loss_mask_BxS), loss.agg, loss.norm_len, correct_B,
+                             levels)  # to_host: on several hosts the batch is a global array
 
 
 def throughput(run: Run, col: sampling.Collected, batch: Batch, times: dict[str, float]) -> dict[str, float]:
