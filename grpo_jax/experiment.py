@@ -36,14 +36,25 @@ class ModelSection:
     init: ModelConfig | None = None
     tokenizer: str | None = None  # HF folder/hub id; "char" = the built-in character tokenizer; default: path
     ref_path: str | None = None  # frozen reference; default: a copy of the initial (warm-started) policy
-    dtype: DType = "float32"
+    dtype: DType = "float32"  # compute: bfloat16 with float32 params is mixed precision (float32 master weights)
     param_dtype: DType = "float32"
+    # params stored in bfloat16 need this set: true keeps a float32 master copy that the optimizer updates (its
+    # moments in float32 too; the params are its rounding), false updates the bfloat16 params themselves (an update
+    # below ~0.4% of a weight, e.g. lr 1e-6, rounds away)
+    master_weights: bool | None = None
     remat: bool = False
     scan_layers: bool = True  # False: unroll the decoder layers (compile time grows with depth; faster steps on CPU)
 
     def __post_init__(self):
         if (self.path is None) == (self.init is None):
             raise ValueError("set exactly one of model.path (pretrained) and model.init (random init)")
+        if self.param_dtype != "float32" and self.master_weights is None:
+            raise ValueError(f"model.param_dtype={self.param_dtype} stores the trained params in {self.param_dtype}: "
+                             "set model.master_weights=true (a float32 master copy; recommended) or false (updates "
+                             "below its resolution round away), or keep param_dtype=float32 with dtype=bfloat16")
+        if self.param_dtype == "float32" and self.master_weights is not None:
+            raise ValueError("model.master_weights applies to param_dtype=bfloat16 only (float32 params are the "
+                             "master weights); leave it unset")
         if self.tokenizer is None and self.path is None:
             raise ValueError("model.tokenizer is required with model.init (e.g. 'char' or a tokenizer folder)")
 

@@ -25,7 +25,8 @@ S = prompt + max_new_tokens; B = batch_prompts*G sequences; b = B/(micro_batches
 C = train.logprob_chunk; p = prompt rows per device (the bucketed prompt count / d).
 
 Resident all run: params (each param's shards as ``mesh.param_sharding`` places them) x pb; AdamW's two moments
-(optax keeps them in the params' dtype): 2 x params; the frozen reference (a copy of the policy) when beta > 0.
+(optax keeps them in the params' dtype): 2 x params, or with ``model.master_weights`` the float32 master copy and
+float32 moments: 3 x 4 bytes per param; the frozen reference (a copy of the policy) when beta > 0.
 Then one phase at a time; the peak is resident + the largest phase:
   rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
              XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
@@ -73,6 +74,7 @@ from pathlib import Path
 from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.mesh import LOGICAL_AXIS_RULES
 from grpo_jax.models import ModelConfig
+from grpo_jax.models.published import PUBLISHED_CONFIGS
 from grpo_jax.rollout import bucket
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -80,22 +82,6 @@ GIB = 2**30
 # name -> (JAX devices, HBM GiB per device). v4-8: 4 chips (megacore: one JAX device each) x 32 GiB; v5e-8: 8 x 16 GiB;
 # H100 SXM: 81,559 MiB as nvidia-smi reports it (JAX on GPU preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION).
 TARGETS: dict[str, tuple[int, float]] = {"v4-8": (4, 32.0), "v5e-8": (8, 16.0), "1xH100": (1, 81559 / 1024)}
-
-_QWEN_COMMON = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0, tie_word_embeddings=True,
-                    vocab_size=151936, bos_token_id=151643, eos_token_id=151645, use_sliding_window=False)
-# config.json as published at https://huggingface.co/<id>/blob/main/config.json (the fields ModelConfig reads).
-PUBLISHED_CONFIGS: dict[str, dict] = {
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(_QWEN_COMMON, model_type="qwen2", hidden_size=896, intermediate_size=4864,
-                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                       max_position_embeddings=32768),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(_QWEN_COMMON, model_type="qwen2", hidden_size=1536, intermediate_size=8960,
-                                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                       max_position_embeddings=32768),
-    "Qwen/Qwen3-0.6B": dict(_QWEN_COMMON, model_type="qwen3", hidden_size=1024, intermediate_size=3072,
-                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                            attention_bias=False, max_position_embeddings=40960),
-}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryEstimate:
@@ -176,7 +162,7 @@ def score_blocks(S: int, block: int | None) -> list[int]:
 
 def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, group_size: int, prompt_len: int,
              max_new_tokens: int, micro_batches: int, beta: float, logprob_chunk: int,
-             eval_rollouts: tuple[tuple[int, int], ...] = ()) -> MemoryEstimate:
+             eval_rollouts: tuple[tuple[int, int], ...] = (), master_weights: bool = False) -> MemoryEstimate:
     """Per-device bytes for one model on mesh ``sizes``; ``prompt_len`` = the padded prompt length (a bucket);
     ``eval_rollouts`` = (prompts, samples) of each eval generate call."""
     pb, cb, d, t = BYTES[cfg.param_dtype], BYTES[cfg.dtype], sizes["data"] * sizes["fsdp"], sizes["tensor"]
@@ -219,7 +205,8 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + 2 * gathered
     head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb)
     return MemoryEstimate(
-        params=params, optimizer=2 * params, reference=params if beta > 0 else 0,
+        params=params, optimizer=3 * params * 4 // pb if master_weights else 2 * params,
+        reference=params if beta > 0 else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
         reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, sum(blocks), score_bytes),
                                                          b * (2 * S * E * cb + C * Vt * 4))) * (beta > 0),
@@ -239,7 +226,8 @@ def estimate_experiment(cfg: ExperimentConfig, model_cfg: ModelConfig, num_devic
     return estimate(model_cfg, sizes, batch_prompts=cfg.train.batch_prompts, group_size=cfg.rollout.group_size,
                     prompt_len=bucket(prompt_len, cfg.rollout.min_prompt_bucket),
                     max_new_tokens=cfg.rollout.max_new_tokens, micro_batches=cfg.train.micro_batches,
-                    beta=cfg.algo.loss.beta, logprob_chunk=cfg.train.logprob_chunk, eval_rollouts=evals)
+                    beta=cfg.algo.loss.beta, logprob_chunk=cfg.train.logprob_chunk, eval_rollouts=evals,
+                    master_weights=bool(m.master_weights))
 
 
 def model_config(cfg: ExperimentConfig) -> ModelConfig:
@@ -254,7 +242,7 @@ def model_config(cfg: ExperimentConfig) -> ModelConfig:
     raise ValueError(f"model.path={path!r}: no config.json there and not one of {sorted(PUBLISHED_CONFIGS)}")
 
 
-LABELS = {"params": "params", "optimizer": "AdamW moments", "reference": "reference params",
+LABELS = {"params": "params", "optimizer": "AdamW moments (+ master copy)", "reference": "reference params",
           "kv_cache": "rollout: KV cache", "rollout_work": "rollout: decode weights, prefill or sampling",
           "reference_logprobs": "reference log-probs", "gradients": "train: gradients",
           "activations": "train: activations (1 micro-batch)"}

@@ -142,7 +142,7 @@ def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
     step_cfg = StepConfig(num_iterations=cfg.train.num_iterations, micro_batches=cfg.train.micro_batches,
                           temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
                           log_entropy=cfg.train.log_entropy, grad_variance=cfg.train.grad_variance)
-    state = init_train_state(params, optimizer)
+    state = init_train_state(params, optimizer, master=bool(cfg.model.master_weights))
     step = make_train_step(graphdef, optimizer, step_cfg, algorithm, state_sharding=state_sharding(state))
     if cfg.train.layout == "padded":
         return state, step, None

@@ -155,8 +155,10 @@ def run_sft(
     if missing:
         raise ValueError(f"run_sft: example {missing[0]} has no 'prompt'; render prompts first (build_splits does)")
     data = encode_pairs(tokenizer, examples, completion_fn, cfg.max_len)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = jax.tree.map(jnp.copy, params)  # the step donates its params; the caller's model keeps its own
+    graphdef, stored = nnx.split(model, nnx.Param)
+    # a float32 working copy: the step donates its params (the caller's model keeps its own), and the updates of
+    # lower-precision params accumulate in float32 (their master weights) until they are rounded back at the end
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), stored)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     opt_state = optimizer.init(params)
     schedule = make_schedule(cfg.optim, cfg.steps)
@@ -178,4 +180,4 @@ def run_sft(
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.info("sft step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s", step, cfg.steps, metrics["loss"],
                      metrics["grad_norm"], history[-1]["lr"], history[-1]["tokens_per_s"])
-    return nnx.merge(graphdef, params), history
+    return nnx.merge(graphdef, jax.tree.map(lambda p, x: p.astype(x.dtype), params, stored)), history

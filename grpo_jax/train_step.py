@@ -49,9 +49,13 @@ class StepConfig:
 
 
 class TrainState(struct.PyTreeNode):
+    """``master``: float32 copies of lower-precision params (``model.master_weights``), which the optimizer updates
+    (its moments are float32 too) and whose rounding the params are; None when the params are the master weights."""
+
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
+    master: nnx.State | None = None
 
 
 class Batch(struct.PyTreeNode):
@@ -169,10 +173,22 @@ def _apply(state: TrainState, optimizer, loss, grads, sq_sum, cfg: StepConfig):
         var = jnp.maximum(K * K * sq_sum - K * grad_norm**2, 0.0) / (K - 1)
         extra = {"grad_var": var, "grad_rel_var": var / jnp.maximum(grad_norm**2, 1e-30)}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    new = apply_updates(state, optimizer, grads)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     return new, {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32), **extra}
+
+
+def apply_updates(state: TrainState, optimizer, grads) -> TrainState:
+    """``state`` after one optimizer update with ``grads``. With a master copy the float32 gradients update it and
+    the params become its rounding, so an update far below the params' resolution still accumulates."""
+    if state.master is None:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.master)
+    master = optax.apply_updates(state.master, updates)
+    params = jax.tree.map(lambda m, p: m.astype(p.dtype), master, state.params)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, master=master)
 
 
 def _iterations(update, state: TrainState, batch: Batch, dens, *, proximal: bool, cfg: StepConfig):
@@ -237,22 +253,30 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation, *,
+                     master: bool = False) -> TrainState:
     """Step 0 state: the optimizer's per-param leaves (AdamW's moments) placed exactly like their params (sharded
     over fsdp/tensor as the params are: left to itself XLA replicates them), its other leaves (counts) replicated
-    on the params' mesh. Pass ``state_sharding(state)`` to ``make_train_step``."""
+    on the params' mesh. ``master``: keep float32 master copies of the params (TrainState's docstring), from which
+    the moments take their float32 dtype. Pass ``state_sharding(state)`` to ``make_train_step``."""
     shardings = jax.tree.map(lambda x: x.sharding, params)
     first = jax.tree.leaves(shardings)[0]
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
     masked = optax.transforms._masking.MaskedNode  # a param another part of a multi_transform optimizer owns
+    to_master = (lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p)) if master else (lambda p: None)
+    opt_params = jax.eval_shape(to_master, params) if master else params
     opt_shardings = optax.tree_map_params(optimizer, lambda p, s: p if isinstance(p, masked) else s,
-                                          jax.eval_shape(optimizer.init, params), shardings,
+                                          jax.eval_shape(optimizer.init, opt_params), shardings,
                                           transform_non_params=lambda _: replicated,
                                           is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked)))
-    out = TrainState(step=replicated, params=shardings, opt_state=opt_shardings)
-    init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p)),
-                   out_shardings=out)
-    return init(params)
+    out = TrainState(step=replicated, params=shardings, opt_state=opt_shardings, master=shardings if master else None)
+
+    def init(p):
+        m = to_master(p)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p if m is None else m),
+                          master=m)
+
+    return jax.jit(init, out_shardings=out)(params)
 
 
 def state_sharding(state: TrainState):
