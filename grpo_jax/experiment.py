@@ -21,6 +21,7 @@ from grpo_jax.group_size import DynamicGroupConfig
 from grpo_jax.layout import LayoutKind
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
+from grpo_jax.models.config import LoRAConfig
 from grpo_jax.optim import OptimConfig
 from grpo_jax.rewards import RewardsConfig, get_reward
 from grpo_jax.sft import SFTConfig
@@ -42,13 +43,16 @@ class ModelSection:
     # moments in float32 too; the params are its rounding), false updates the bfloat16 params themselves (an update
     # below ~0.4% of a weight, e.g. lr 1e-6, rounds away)
     master_weights: bool | None = None
+    # LoRA adapters (rank, alpha, dropout, targets) on the policy after its warm start; the base weights stay frozen
+    # and, adapter off, are the reference (no second copy), unless model.ref_path names another one
+    lora: LoRAConfig | None = None
     remat: bool = False
     scan_layers: bool = True  # False: unroll the decoder layers (compile time grows with depth; faster steps on CPU)
 
     def __post_init__(self):
         if (self.path is None) == (self.init is None):
             raise ValueError("set exactly one of model.path (pretrained) and model.init (random init)")
-        if self.param_dtype != "float32" and self.master_weights is None:
+        if self.param_dtype != "float32" and self.master_weights is None and self.lora is None:
             raise ValueError(f"model.param_dtype={self.param_dtype} stores the trained params in {self.param_dtype}: "
                              "set model.master_weights=true (a float32 master copy; recommended) or false (updates "
                              "below its resolution round away), or keep param_dtype=float32 with dtype=bfloat16")
@@ -256,6 +260,9 @@ class ExperimentConfig:
         if self.train.ref_refresh_every is not None and self.model.ref_path is not None:
             raise ValueError("train.ref_refresh_every copies the policy into the reference; "
                              "it cannot be used with model.ref_path")
+        if self.train.ref_refresh_every is not None and self.model.lora is not None and self.model.ref_path is None:
+            raise ValueError("train.ref_refresh_every with model.lora: the reference is the base weights themselves "
+                             "(the adapter off), which never change; unset one of them")
         if self.train.grad_variance and self.train.micro_batches < 2:
             raise ValueError("train.grad_variance compares micro-batch gradients; set train.micro_batches >= 2")
         dyn = self.rollout.dynamic_group

@@ -30,7 +30,6 @@ from grpo_jax.multihost import is_primary, to_host
 from grpo_jax.perf import step_throughput
 from grpo_jax.pipeline import RolloutPipeline, sampler_slots
 from grpo_jax.run import Run, build_run, cost_metrics
-from grpo_jax.run_setup import export_hf
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import compile_count, device_memory
 from grpo_jax.train_step import Batch
@@ -88,7 +87,7 @@ def rollout_stage(run: Run, rs: RunState, step: int, pipe: RolloutPipeline | Non
 
 
 def assemble(run: Run, rs: RunState, scored: Scored) -> tuple[Batch, RunState, dict]:
-    ref = (lambda t, m: run.ref_logprobs(rs.ref_params, t, m)) if run.algorithm.needs_reference else None  # noqa: E731
+    ref = (lambda t, m: run.ref_logprobs(run.reference_params(rs), t, m)) if run.algorithm.needs_reference else None  # noqa: E731
     values = (lambda t, m: run.critic_values(rs.train.params, t, m)) if run.algorithm.needs_values else None  # noqa: E731
     policy = ((lambda t, m: run.policy_logprobs(rs.train.params, t, m))  # noqa: E731
               if run.algorithm.needs_policy_logprobs else None)
@@ -133,7 +132,7 @@ def train_one_step(run: Run, rs: RunState, step: int, first: bool,
     batch, rs, adv_metrics = assemble(run, rs, scored)
     t3 = time.perf_counter()
     if first and run.cfg.train.log_memory:
-        metrics |= cost_metrics(run, rs.train, rs.ref_params, batch)
+        metrics |= cost_metrics(run, rs, batch)
     t4 = time.perf_counter()
     rs, train_metrics = update(run, rs, batch, step)
     t5 = time.perf_counter()
@@ -205,7 +204,7 @@ def train(cfg: ExperimentConfig, run_dir, *, show_progress: bool = True, restart
                 raise Preempted(step + 1)
         run.ckpt.wait()
         if cfg.checkpoint.export_hf:
-            export_hf(nnx.merge(run.graphdef, rs.train.params), run.run_dir / "final", run.tokenizer)
+            run.export(rs.train.params)
     finally:
         bar.close()
         if pipe is not None:

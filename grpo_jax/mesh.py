@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
     ("classes", None),
+    ("lora_rank", None),
 )
 
 

@@ -21,11 +21,19 @@ from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import GroupHistory
 from grpo_jax.layout import Layout, planned_step
 from grpo_jax.mesh import batch_size_multiple, logical_sharding, model_shardings
-from grpo_jax.models import ModelConfig
-from grpo_jax.multihost import is_primary, sync
+from grpo_jax.models import ModelConfig, lora
+from grpo_jax.multihost import is_primary, sync, to_host
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardPool, resolve_rewards
-from grpo_jax.run_setup import build_policy, load_model, load_reference, load_tokenizer, logprob_fn, warm_start
+from grpo_jax.run_setup import (
+    build_policy,
+    export_hf,
+    load_model,
+    load_reference,
+    load_tokenizer,
+    logprob_fn,
+    warm_start,
+)
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import MetricsWriter, compiled_stats, tree_bytes
 from grpo_jax.train_step import StepConfig, contiguous_split, init_train_state, make_train_step, state_sharding
@@ -52,6 +60,7 @@ class Run:
     eos_ids: list[int]
     model_config: ModelConfig
     prompt_bucket: int  # generate's min_prompt_bucket (rollout.fixed_prompt_len: the longest training prompt)
+    base_graphdef: nnx.GraphDef | None = None  # model.lora: the policy without adapters (reference pass, export)
     sampler_graphdef: nnx.GraphDef | None = None  # the policy with rollout.dtype as its compute dtype (None: graphdef)
     sampler_mesh: Any = None  # rollout.mesh built (None: the sampler uses ``mesh``)
     sampler_shardings: Any = None  # the params' shardings on sampler_mesh
@@ -93,6 +102,32 @@ class Run:
             return jax.device_put(x, logical_sharding(self.mesh, axes))
 
         return jax.tree.map(put, tree)
+
+    def reference_params(self, rs: RunState):
+        """The reference pass's params: with LoRA (and no model.ref_path) the policy's own base weights, the adapter
+        off (the same arrays: no copy); else the frozen reference's."""
+        if self.base_graphdef is not None and self.cfg.model.ref_path is None:
+            return lora.base_state(rs.train.params)
+        return rs.ref_params
+
+    def export(self, params) -> None:
+        """``run_dir/final``: the policy as an HF folder, with LoRA its adapters merged in; with LoRA also
+        ``run_dir/final_adapter``, a PEFT adapter folder over its base: the warm start's folder, ``model.path``, or
+        for a random init ``run_dir/final_base``, written here."""
+        if self.base_graphdef is None:
+            export_hf(nnx.merge(self.graphdef, params), self.run_dir / "final", self.tokenizer)
+            return
+        model_cfg = self.model_config
+        export_hf(nnx.merge(self.base_graphdef, lora.merged_state(params, model_cfg)), self.run_dir / "final",
+                  self.tokenizer)
+        base = self.run_dir / "warm_start" if self.cfg.warm_start is not None else self.cfg.model.path
+        if base is None:
+            base = self.run_dir / "final_base"
+            export_hf(nnx.merge(self.base_graphdef, lora.base_state(params)), base, self.tokenizer)
+        adapters = jax.tree.map(to_host, nnx.filter_state(params, nnx.LoRAParam))
+        if is_primary():
+            lora.save_peft(adapters, model_cfg, self.run_dir / "final_adapter", str(base))
+        sync("export_adapter")
 
     @property
     def refresh_ref(self) -> bool:
@@ -141,8 +176,9 @@ def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
                                critic=algorithm.critic_optim(cfg.optim))
     step_cfg = StepConfig(num_iterations=cfg.train.num_iterations, micro_batches=cfg.train.micro_batches,
                           temperature=cfg.rollout.temperature, logprob_chunk=cfg.train.logprob_chunk,
-                          log_entropy=cfg.train.log_entropy, grad_variance=cfg.train.grad_variance)
-    state = init_train_state(params, optimizer, master=bool(cfg.model.master_weights))
+                          log_entropy=cfg.train.log_entropy, grad_variance=cfg.train.grad_variance,
+                          frozen=None if cfg.model.lora is None else lora.frozen)
+    state = init_train_state(params, optimizer, master=bool(cfg.model.master_weights), frozen=step_cfg.frozen)
     step = make_train_step(graphdef, optimizer, step_cfg, algorithm, state_sharding=state_sharding(state))
     if cfg.train.layout == "padded":
         return state, step, None
@@ -173,10 +209,13 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     splits, terms = build_splits(cfg.data, tokenizer), resolve_rewards(cfg.rewards)
     policy = warm_start(cfg, build_policy(cfg, tokenizer, mesh), tokenizer, splits.train, run_dir, mesh)
     bare = nnx.split(policy)  # the reference copies the policy alone, not what the algorithm trains beside it
+    if cfg.model.lora is not None:
+        policy = lora.attach(policy, cfg.model.lora, cfg.seed, mesh)
     prepared = algorithm.prepare_policy(policy, mesh, load=lambda path: load_model(path, cfg, mesh))
     graphdef, params = nnx.split(prepared)
-    ref_graphdef, ref_params = (load_reference(cfg, bare, mesh) if algorithm.needs_reference
-                                else (graphdef, None))
+    free_ref = cfg.model.lora is not None and cfg.model.ref_path is None  # the base weights, adapter off
+    ref_graphdef, ref_params = (graphdef, None) if not algorithm.needs_reference else (
+        (bare[0], None) if free_ref else load_reference(cfg, bare, mesh))
     state, train_step, layout = _step(cfg, algorithm, graphdef, params, mesh)
     ref_logprobs = logprob_fn(ref_graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches,
                               layout, mesh)
@@ -194,12 +233,13 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
                                 async_save=cfg.checkpoint.async_save),
               key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id],
               model_config=policy.config, prompt_bucket=prompt_bucket(cfg, tokenizer, splits.train),
+              base_graphdef=None if cfg.model.lora is None else bare[0],
               sampler_graphdef=sampler_graphdef(graphdef, params, cfg.rollout.dtype), sampler_mesh=sampler_mesh,
               sampler_shardings=None if sampler_mesh is None else model_shardings(params, sampler_mesh))
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
                   history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,
-                  keep_moments=algorithm.stateful,
+                  keep_moments=algorithm.stateful, frozen=None if cfg.model.lora is None else lora.frozen,
                   sampler_params=(run.sampler_shapes(state.params),) * cfg.rollout.depth)  # restore fills them in
     try:
         start, rs = rs.restore(run.ckpt)
@@ -224,15 +264,17 @@ def sampler_graphdef(graphdef: nnx.GraphDef, params, dtype: str | None) -> nnx.G
     return nnx.split(model)[0]
 
 
-def cost_metrics(run: Run, state, ref_params, batch) -> dict[str, float]:
+def cost_metrics(run: Run, rs: RunState, batch) -> dict[str, float]:
     """``train.log_memory``: memory of the compiled train step and of the extra passes the algorithm makes per
     rollout batch (the reference's log-probs, the critic's values, the trainer's log-probs), and the bytes of the
     reference params it holds."""
+    state = rs.train
     out = compiled_stats(run.train_step, state, batch, name="train_step")
     tokens, attn = batch.tokens_BxS, batch.attn_mask_BxS
     if run.algorithm.needs_reference:
-        out |= compiled_stats(run.ref_logprobs, ref_params, tokens, attn, name="reference_pass")
-        out["memory/reference_params_bytes"] = tree_bytes(ref_params)
+        out |= compiled_stats(run.ref_logprobs, run.reference_params(rs), tokens, attn, name="reference_pass")
+        # a reference held beside the policy (0 under LoRA: the policy's base weights are the reference)
+        out["memory/reference_params_bytes"] = 0 if rs.ref_params is None else tree_bytes(rs.ref_params)
     if run.critic_values is not None:
         out |= compiled_stats(run.critic_values, state.params, tokens, attn, name="value_pass")
     if run.policy_logprobs is not None:

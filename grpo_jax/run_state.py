@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from flax import nnx
 
@@ -10,7 +11,7 @@ from grpo_jax.advantages import RunningMoments
 from grpo_jax.checkpoint import Checkpointer, abstract_like
 from grpo_jax.data import OrderState
 from grpo_jax.group_size import GroupHistory
-from grpo_jax.train_step import TrainState
+from grpo_jax.train_state import TrainState, trained
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,13 @@ class RunState:
     keep_moments: bool = False
     # rollout.mode one_step_off/async: the k params the in-flight batches are sampled from (grpo_jax.pipeline)
     sampler_params: tuple[nnx.State, ...] = ()
+    frozen: Callable | None = None  # LoRA: the filter of the frozen base weights, left out of checkpoints
+
+    def _checkpointed(self, train: TrainState) -> TrainState:
+        return train.replace(params=trained(train.params, self.frozen)[1]) if self.frozen is not None else train
 
     def _arrays(self) -> dict:
-        return ({"train": self.train} | ({"ref": self.ref_params} if self.keep_ref else {})
+        return ({"train": self._checkpointed(self.train)} | ({"ref": self.ref_params} if self.keep_ref else {})
                 | ({"adv": self.moments} if self.keep_moments else {})
                 | ({"sampler": list(self.sampler_params)} if self.sampler_params else {}))
 
@@ -51,6 +56,9 @@ class RunState:
         step, saved, meta = restored
         history = None if self.history is None else GroupHistory.from_json(self.history.cfg, meta["groups"])
         log.info("resumed from the checkpoint at step %d", step)
-        return step, dataclasses.replace(self, train=saved["train"], ref_params=saved.get("ref", self.ref_params),
+        train = saved["train"]
+        if self.frozen is not None:  # the adapters (and optimizer state) saved; the base weights are the loaded ones
+            train = train.replace(params=nnx.merge_state(trained(self.train.params, self.frozen)[0], train.params))
+        return step, dataclasses.replace(self, train=train, ref_params=saved.get("ref", self.ref_params),
                                          moments=saved.get("adv", self.moments), order=OrderState(**meta["order"]),
                                          history=history, sampler_params=tuple(saved.get("sampler", ())))

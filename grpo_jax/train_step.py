@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec
 
 from grpo_jax.losses import merge_stats
 from grpo_jax.losses.terms import safe_divide
 from grpo_jax.models.packed import Plan
+from grpo_jax.train_state import TrainState, apply_updates, init_train_state, state_sharding, trained
 
 Stats = dict[str, dict[str, jax.Array]]  # stats groups of an objective, each merged with ``merge_stats``
 
@@ -37,6 +38,7 @@ class StepConfig:
     logprob_chunk: int = 128
     log_entropy: bool = True
     grad_variance: bool = False  # log the spread of the micro-batch gradient estimates (see make_train_step)
+    frozen: Callable | None = None  # nnx filter of params that are not trained (LoRA's base: models.lora.frozen)
 
     def __post_init__(self):
         if self.num_iterations < 1 or self.micro_batches < 1:
@@ -46,16 +48,6 @@ class StepConfig:
             raise ValueError(f"temperature must be > 0 for training log-probs, got {self.temperature}")
         if self.grad_variance and self.micro_batches < 2:
             raise ValueError("grad_variance compares micro-batch gradients; it needs micro_batches >= 2")
-
-
-class TrainState(struct.PyTreeNode):
-    """``master``: float32 copies of lower-precision params (``model.master_weights``), which the optimizer updates
-    (its moments are float32 too) and whose rounding the params are; None when the params are the master weights."""
-
-    step: jax.Array
-    params: nnx.State
-    opt_state: optax.OptState
-    master: nnx.State | None = None
 
 
 class Batch(struct.PyTreeNode):
@@ -127,10 +119,11 @@ def _old_logp(logp, mb: Batch, on_policy):
     return current if on_policy else mb.old_logp_BxS
 
 
-def _micro_loss(params, mb: Batch, dens, on_policy, *, graphdef, objective: Objective, cfg: StepConfig):
+def _micro_loss(params, mb: Batch, dens, on_policy, frozen=None, *, graphdef, objective: Objective,
+                cfg: StepConfig):
     """This micro-batch's share of the loss, and (its stats, the token entropy's sum among them; its forward's
-    log-probs when the step carries proximal ones, else None)."""
-    model = nnx.merge(graphdef, params)
+    log-probs when the step carries proximal ones, else None). ``params``: the trained ones (all but ``frozen``)."""
+    model = nnx.merge(graphdef, params if frozen is None else nnx.merge_state(frozen, params))
     logp, entropy, values = objective.forward(model, mb, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk,
                                               with_entropy=cfg.log_entropy)
     loss, stats = objective.micro_loss(logp, _old_logp(logp, mb, on_policy), values, mb, dens)
@@ -142,10 +135,11 @@ def _micro_loss(params, mb: Batch, dens, on_policy, *, graphdef, objective: Obje
     return loss, (stats, current)
 
 
-def _gradients(params, batch: Batch, dens, on_policy, *, loss_fn, split, unsplit, cfg: StepConfig):
+def _gradients(params, batch: Batch, dens, on_policy, frozen, *, loss_fn, split, unsplit, cfg: StepConfig):
     """(loss, stats, grads, Σ_k ||g_k||², logp_BxS) summed over the micro-batches, each contributing
-    grad(num_k)/den; logp_BxS: the forward's log-probs when the batch carries proximal ones, else None."""
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    grad(num_k)/den; logp_BxS: the forward's log-probs when the batch carries proximal ones, else None. Gradients
+    of ``params`` only, ``frozen`` (None or the untrained params) held constant."""
+    value_and_grad = jax.value_and_grad(functools.partial(loss_fn, frozen=frozen), has_aux=True)
     if cfg.micro_batches == 1:
         (loss, (stats, logp)), grads = value_and_grad(params, batch, dens, on_policy)
         return loss, stats, grads, jnp.zeros((), jnp.float32), logp
@@ -173,22 +167,9 @@ def _apply(state: TrainState, optimizer, loss, grads, sq_sum, cfg: StepConfig):
         var = jnp.maximum(K * K * sq_sum - K * grad_norm**2, 0.0) / (K - 1)
         extra = {"grad_var": var, "grad_rel_var": var / jnp.maximum(grad_norm**2, 1e-30)}
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = apply_updates(state, optimizer, grads)
+    new = apply_updates(state, optimizer, grads, cfg.frozen)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     return new, {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32), **extra}
-
-
-def apply_updates(state: TrainState, optimizer, grads) -> TrainState:
-    """``state`` after one optimizer update with ``grads``. With a master copy the float32 gradients update it and
-    the params become its rounding, so an update far below the params' resolution still accumulates."""
-    if state.master is None:
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.master)
-    master = optax.apply_updates(state.master, updates)
-    params = jax.tree.map(lambda m, p: m.astype(p.dtype), master, state.params)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, master=master)
 
 
 def _iterations(update, state: TrainState, batch: Batch, dens, *, proximal: bool, cfg: StepConfig):
@@ -232,7 +213,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     grads_fn = functools.partial(_gradients, loss_fn=loss_fn, split=split, unsplit=unsplit, cfg=cfg)
 
     def update(state: TrainState, batch: Batch, dens, on_policy):
-        loss, stats, grads, sq_sum, logp = grads_fn(state.params, batch, dens, on_policy)
+        fixed, params = trained(state.params, cfg.frozen)
+        loss, stats, grads, sq_sum, logp = grads_fn(params, batch, dens, on_policy, fixed)
         new, metrics = _apply(state, optimizer, loss, grads, sq_sum, cfg)
         entropy = stats.pop("entropy", None)
         if entropy is not None:
@@ -253,31 +235,4 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation, *,
-                     master: bool = False) -> TrainState:
-    """Step 0 state: the optimizer's per-param leaves (AdamW's moments) placed exactly like their params (sharded
-    over fsdp/tensor as the params are: left to itself XLA replicates them), its other leaves (counts) replicated
-    on the params' mesh. ``master``: keep float32 master copies of the params (TrainState's docstring), from which
-    the moments take their float32 dtype. Pass ``state_sharding(state)`` to ``make_train_step``."""
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    first = jax.tree.leaves(shardings)[0]
-    replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
-    masked = optax.transforms._masking.MaskedNode  # a param another part of a multi_transform optimizer owns
-    to_master = (lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p)) if master else (lambda p: None)
-    opt_params = jax.eval_shape(to_master, params) if master else params
-    opt_shardings = optax.tree_map_params(optimizer, lambda p, s: p if isinstance(p, masked) else s,
-                                          jax.eval_shape(optimizer.init, opt_params), shardings,
-                                          transform_non_params=lambda _: replicated,
-                                          is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, masked)))
-    out = TrainState(step=replicated, params=shardings, opt_state=opt_shardings, master=shardings if master else None)
-
-    def init(p):
-        m = to_master(p)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p if m is None else m),
-                          master=m)
-
-    return jax.jit(init, out_shardings=out)(params)
-
-
-def state_sharding(state: TrainState):
-    return jax.tree.map(lambda x: x.sharding, state)
+__all__ = ["Batch", "StepConfig", "TrainState", "init_train_state", "make_train_step", "state_sharding"]

@@ -39,6 +39,29 @@ class RopeScaling:
             raise ValueError(f"llama3 rope needs high_freq_factor > low_freq_factor, got {self}")
 
 
+LORA_TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """LoRA adapters (``grpo_jax.models.lora``): rank r, scale alpha / r, on the ``targets`` projections."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1 or not self.alpha > 0:
+            raise ValueError(f"lora: rank must be >= 1 and alpha > 0, got rank={self.rank} alpha={self.alpha}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets={list(self.targets)}: a non-empty set of {list(LORA_TARGETS)}")
+        if self.dropout != 0.0:
+            raise ValueError(f"lora.dropout={self.dropout}: only 0.0 is implemented (the train step draws no dropout "
+                             "masks); RL fine-tuning with LoRA commonly runs without dropout")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     model_type: ModelType
@@ -69,6 +92,7 @@ class ModelConfig:
     # the full-sequence forward's causal attention in query blocks of this many positions, block j over keys
     # [0, (j+1)·block) only: the masked upper triangle is never computed (long sequences: 1.6x faster update on CPU)
     attention_block: int | None = 64
+    lora: LoRAConfig | None = None  # adapters on the layers' projections (not part of config.json)
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:

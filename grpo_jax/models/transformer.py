@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.models.cache import KVCache
-from grpo_jax.models.config import ModelConfig
+from grpo_jax.models.config import LORA_TARGETS, ModelConfig
+from grpo_jax.models.lora import adapter, add_adapter_params
 from grpo_jax.models.rope import apply_rope, inv_frequencies, rope_tables
 
 INIT_STDDEV = 0.02  # transformers' initializer_range default
@@ -43,8 +44,8 @@ class LayerStack(nnx.Module):
         L, E, F, N, K, H = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
                             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-        def p(axes, shape, init="normal"):
-            return init_param(rngs, cfg, ("layers",) + axes, (L,) + shape, init)
+        def p(axes_, shape, init="normal"):
+            return init_param(rngs, cfg, ("layers",) + axes_, (L,) + shape, init)
 
         self.attn_norm = p(("norm",), (E,), "ones")
         self.q = p(("embed", "heads", "head_dim"), (E, N, H))
@@ -64,15 +65,24 @@ class LayerStack(nnx.Module):
         self.gate_bias = p(("mlp",), (F,), "zeros") if cfg.mlp_bias else None
         self.up_bias = p(("mlp",), (F,), "zeros") if cfg.mlp_bias else None
         self.down_bias = p(("embed",), (E,), "zeros") if cfg.mlp_bias else None
+        if cfg.lora is not None:
+            axes = {name: getattr(self, name).out_sharding for name in LORA_TARGETS}
+            add_adapter_params(self, cfg.lora, axes, rngs)
 
 
-def _dense(x: jax.Array, w: nnx.Param, n_in: int, bias: nnx.Param | None) -> jax.Array:
+def _dense(x: jax.Array, w: nnx.Param, n_in: int, bias: nnx.Param | None, lora=None) -> jax.Array:
     """A projection: x's trailing ``n_in`` dims contracted with w's leading ones, y = x·w (+ bias), computed as one
     2-D matmul [rows, in] @ [in, out]. (The same contraction as a 3-D/4-D einsum has a backward several times slower
-    on XLA:CPU; ``shared/perf/NOTES.md``.)"""
+    on XLA:CPU; ``shared/perf/NOTES.md``.) ``lora`` = (A, B, scale) adds scale·(x·A)·B (``models/lora.py``)."""
     w_ = w[...].astype(x.dtype)
     lead, in_shape, out_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:], w_.shape[n_in:]
-    y = (x.reshape(-1, math.prod(in_shape)) @ w_.reshape(math.prod(in_shape), -1)).reshape(lead + out_shape)
+    x2 = x.reshape(-1, math.prod(in_shape))
+    y = x2 @ w_.reshape(math.prod(in_shape), -1)
+    if lora is not None:
+        a, b, scale = lora
+        r = a.shape[-1]
+        y = y + ((x2 @ a[...].astype(x.dtype).reshape(-1, r)) @ b[...].astype(x.dtype).reshape(r, -1)) * scale
+    y = y.reshape(lead + out_shape)
     return y if bias is None else y + bias[...].astype(x.dtype)
 
 
@@ -120,16 +130,17 @@ def decoder_layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, attention)
     rotated queries and keys and their values; it stores them in a cache if there is one and attends over whatever
     keys it owns (the same tokens, a KV cache, a packed or shared-prompt layout)."""
     h = rms_norm(x_BxTxE, p.attn_norm, cfg.rms_norm_eps)
-    q = _dense(h, p.q, 1, p.q_bias)
-    k = _dense(h, p.k, 1, p.k_bias)
-    v = _dense(h, p.v, 1, p.v_bias)
+    q = _dense(h, p.q, 1, p.q_bias, adapter(cfg, p, "q"))
+    k = _dense(h, p.k, 1, p.k_bias, adapter(cfg, p, "k"))
+    v = _dense(h, p.v, 1, p.v_bias, adapter(cfg, p, "v"))
     if cfg.qk_norm:
         q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
     attn = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-    x_BxTxE = x_BxTxE + _dense(attn, p.o, 2, p.o_bias)
+    x_BxTxE = x_BxTxE + _dense(attn, p.o, 2, p.o_bias, adapter(cfg, p, "o"))
     h = rms_norm(x_BxTxE, p.mlp_norm, cfg.rms_norm_eps)
-    gated = jax.nn.silu(_dense(h, p.gate, 1, p.gate_bias)) * _dense(h, p.up, 1, p.up_bias)
-    return x_BxTxE + _dense(gated, p.down, 1, p.down_bias)
+    gated = (jax.nn.silu(_dense(h, p.gate, 1, p.gate_bias, adapter(cfg, p, "gate")))
+             * _dense(h, p.up, 1, p.up_bias, adapter(cfg, p, "up")))
+    return x_BxTxE + _dense(gated, p.down, 1, p.down_bias, adapter(cfg, p, "down"))
 
 
 def cached_attention(kv_write, key_mask_BxS, offset):
