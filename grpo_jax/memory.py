@@ -26,7 +26,9 @@ C = train.logprob_chunk; p = prompt rows per device (the bucketed prompt count /
 
 Resident all run: params (each param's shards as ``mesh.param_sharding`` places them) x pb; AdamW's two moments
 (optax keeps them in the params' dtype): 2 x params, or with ``model.master_weights`` the float32 master copy and
-float32 moments: 3 x 4 bytes per param; the frozen reference (a copy of the policy) when beta > 0.
+float32 moments: 3 x 4 bytes per param; the frozen reference (a copy of the policy) when beta > 0. With LoRA
+(``model.lora``) the float32 adapters join the params and only they have moments and gradients (the frozen base has
+none: no gradient of a gathered layer or of the head either); the reference is the base itself (0 bytes).
 Then one phase at a time; the peak is resident + the largest phase:
   rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
              XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
@@ -75,6 +77,7 @@ from grpo_jax.experiment import ExperimentConfig, load_experiment
 from grpo_jax.mesh import LOGICAL_AXIS_RULES
 from grpo_jax.models import ModelConfig
 from grpo_jax.models.published import PUBLISHED_CONFIGS
+from grpo_jax.models.shapes import adapter_shapes, param_count, param_shapes
 from grpo_jax.rollout import bucket
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -110,21 +113,6 @@ class MemoryEstimate:
         return self.resident + max(self.phases.values())
 
 
-def param_shapes(cfg: ModelConfig) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
-    """(logical axes, shape) of every param of ``CausalLM`` (models/transformer.py, heads.py), layers stacked."""
-    L, E, F, N, K, H, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                           cfg.head_dim, cfg.vocab_size)
-    q, kv, o = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"), ("heads", "head_dim", "embed")
-    layer = [(("norm",), (E,)), (q, (E, N, H)), (kv, (E, K, H)), (kv, (E, K, H)), (o, (N, H, E)), (("norm",), (E,)),
-             (("embed", "mlp"), (E, F)), (("embed", "mlp"), (E, F)), (("mlp", "embed"), (F, E))]
-    bias_kv = (("kv_heads", "head_dim"), (K, H))
-    layer += [(("heads", "head_dim"), (N, H)), bias_kv, bias_kv] * cfg.qkv_bias
-    layer += [(("embed",), (E,))] * (cfg.o_bias + cfg.mlp_bias) + [(("mlp",), (F,))] * 2 * cfg.mlp_bias
-    layer += [(("norm",), (H,))] * 2 * cfg.qk_norm
-    head = [] if cfg.tie_word_embeddings else [(("embed", "vocab"), (E, V))]
-    return [(("vocab", "embed"), (V, E)), (("norm",), (E,))] + head + [(("layers",) + a, (L,) + s) for a, s in layer]
-
-
 def shard_numel(axes: tuple[str, ...], shape: tuple[int, ...], sizes: dict[str, int]) -> int:
     """Elements of one device's shard: a dimension is split over its mesh axes only when divisible (as in mesh.py)."""
     rules = dict(LOGICAL_AXIS_RULES)
@@ -134,10 +122,6 @@ def shard_numel(axes: tuple[str, ...], shape: tuple[int, ...], sizes: dict[str, 
         split = math.prod(sizes[a] for a in (() if rule is None else (rule,) if isinstance(rule, str) else rule))
         n *= dim // split if dim % split == 0 else dim
     return n
-
-
-def param_count(cfg: ModelConfig) -> int:
-    return sum(math.prod(shape) for _, shape in param_shapes(cfg))
 
 
 def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> dict[str, int]:
@@ -202,15 +186,18 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     kv_cache, rollout_work = max((rollout(*r) for r in ((batch_prompts, group_size),) + eval_rollouts), key=sum)
     overlap = 2 if micro_batches == 2 else 1  # the single-step scan over the second micro-batch is inlined
     saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, sum(blocks)))
-    layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + 2 * gathered
-    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb)
+    lora = cfg.lora is not None  # the base is frozen: no gradient of a gathered layer or of the head
+    layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + (2 - lora) * gathered
+    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb * (not lora))
+    adapters = sum(shard_numel(a, s, sizes) for a, s in adapter_shapes(cfg)) * 4  # float32
+    trained = adapters if lora else params
     return MemoryEstimate(
-        params=params, optimizer=3 * params * 4 // pb if master_weights else 2 * params,
-        reference=params if beta > 0 else 0,
+        params=params + adapters, optimizer=3 * trained * 4 // pb if master_weights else 2 * trained,
+        reference=params if beta > 0 and not lora else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
         reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, sum(blocks), score_bytes),
                                                          b * (2 * S * E * cb + C * Vt * 4))) * (beta > 0),
-        gradients=params * (2 if micro_batches > 1 else 1),
+        gradients=trained * (2 if micro_batches > 1 else 1),
         activations=saved + max(layer, head),
     )
 
@@ -220,7 +207,7 @@ def estimate_experiment(cfg: ExperimentConfig, model_cfg: ModelConfig, num_devic
     """``estimate`` with the experiment's dtypes, remat, batch, mesh and eval; ``prompt_len`` = the longest prompt
     of a batch in tokens (padded to its bucket as the rollout pads it)."""
     m = cfg.model
-    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    model_cfg = dataclasses.replace(model_cfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, lora=m.lora)
     sizes = mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.num_devices or num_devices)
     evals = ((cfg.eval.batch_prompts, 1),) + (((cfg.eval.batch_prompts, cfg.eval.pass_k),) if cfg.eval.pass_k else ())
     return estimate(model_cfg, sizes, batch_prompts=cfg.train.batch_prompts, group_size=cfg.rollout.group_size,

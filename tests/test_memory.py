@@ -26,6 +26,7 @@ from grpo_jax.memory import (
 )
 from grpo_jax.mesh import make_mesh, shard_batch, shard_model
 from grpo_jax.models import CausalLM, ModelConfig
+from grpo_jax.models.config import LoRAConfig
 from grpo_jax.optim import OptimConfig, make_optimizer
 from grpo_jax.rollout import SamplingConfig, bucket, sample
 from grpo_jax.run_setup import logprob_fn
@@ -69,6 +70,17 @@ def test_tiny_estimate_by_hand():
     assert est.activations == 1024 + max(1024 + 8192, 2304)
     assert est.phases == {"rollout": 640 + 6976, "reference": 3328, "train": 9280 + 10240}
     assert est.total == (4640 + 9280 + 4640) + (9280 + 10240)
+
+
+def test_lora_estimate_by_hand():
+    est = estimate(dataclasses.replace(TINY, lora=LoRAConfig(rank=2)), ONE, **BATCH)
+    # adapters per layer, A [in, 2] + B [2, out]: q 8*2 + 2*8 = 32, k and v 16 + 8 = 24 each, o 8*2 + 2*8 = 32,
+    # gate and up 16 + 24 = 40 each, down 24 + 16 = 40: 232 per layer, 464 float32 params = 1856 bytes
+    assert (est.params, est.optimizer, est.reference) == (4640 + 1856, 2 * 1856, 0)  # the base is the reference
+    assert est.gradients == 2 * 1856  # adapters only (accumulator + this micro-batch's)
+    base = estimate(TINY, ONE, **BATCH)
+    # no head gradient in the head's backward (8*16*4 bytes); the layer backward is the larger term either way
+    assert est.activations == base.activations and est.reference_logprobs == base.reference_logprobs
 
 
 def test_remat_beta_and_mesh_change_the_right_parts():
@@ -225,3 +237,9 @@ def test_research_readme_tables_match_the_command(folder):
     assert "\n".join(rows) in readme, f"{folder}/README.md: the table differs from the command's output"
     percents = re.findall(r"\((\d+)%\)", rows[-1])
     assert f"the estimated peak is {' / '.join(p + '%' for p in percents)} of HBM" in readme
+    lora = re.search(rf"python -m grpo_jax.memory experiments/{folder} --prompt-len (\d+) '(model.lora=[^']+)' "
+                     r"--target v4-8 --target v5e-8\n", readme)
+    assert lora, f"{folder}/README.md shows no LoRA variant's memory command"
+    targets = {name: TARGETS[name] for name in ("v4-8", "v5e-8")}
+    rows = table(str(EXPERIMENTS / folder), targets, int(lora.group(1)), [lora.group(2)]).split("\n")[2:]
+    assert "\n".join(rows) in readme, f"{folder}/README.md: the LoRA table differs from the command's output"
