@@ -101,3 +101,12 @@ def test_async_rollout_benchmark_smoke(capsys):
     assert sync["phases_median_s"]["rollout_wait_s"] == 0 and off["phases_median_s"]["weight_sync_s"] > 0
     assert sync["recompiles_after_warmup"] == off["recompiles_after_warmup"] == [0]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["benchmark"] == "async_rollout"
+
+
+@pytest.mark.slow
+def test_smoke_real_benchmark_smoke(capsys):
+    """The full-size smoke run's script at a tiny geometry, LoRA only (one ``grpo-jax train`` process)."""
+    (result,) = load("smoke_real").main(["--geometry", "tiny", "--modes", "lora"])
+    assert result["second_step_s"] > 0 and result["compiled_peak_gib"] > 0
+    assert result["reference_params_gib"] == 0.0  # LoRA: the base weights are the reference
+    assert "MiB/device compiled vs" in capsys.readouterr().out
