@@ -161,6 +161,10 @@ class RolloutSection:
     # shape for the whole run (no recompiles after the first step), at the cost of padding short prompts
     fixed_prompt_len: bool = False
     dynamic_group: DynamicGroupConfig | None = None  # per-prompt group sizes within the same P·G rows
+    # model.lora: sample from a copy of the base weights with the adapters merged in, made after every update
+    # (1.17x faster sampling on CPU, benchmarks/lora_sampler.py; one more copy of the weights during the rollout),
+    # or false: from the LoRA model itself, the adapters applied in every decode step (no copy)
+    merge_lora: bool = True
     # sync: sample batch n with the params after n updates. one_step_off / async: sample it in a background thread
     # with the params of max(0, n - k) updates, k = 1 / max_staleness, while the updates run (grpo_jax.pipeline)
     mode: RolloutMode = "sync"

@@ -28,7 +28,8 @@ Resident all run: params (each param's shards as ``mesh.param_sharding`` places 
 (optax keeps them in the params' dtype): 2 x params, or with ``model.master_weights`` the float32 master copy and
 float32 moments: 3 x 4 bytes per param; the frozen reference (a copy of the policy) when beta > 0. With LoRA
 (``model.lora``) the float32 adapters join the params and only they have moments and gradients (the frozen base has
-none: no gradient of a gathered layer or of the head either); the reference is the base itself (0 bytes).
+none: no gradient of a gathered layer or of the head either); the reference is the base itself (0 bytes); the
+training rollout (``rollout.merge_lora``) samples from a merged copy of the base weights: params again.
 Then one phase at a time; the peak is resident + the largest phase:
   rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
              XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
@@ -146,7 +147,8 @@ def score_blocks(S: int, block: int | None) -> list[int]:
 
 def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, group_size: int, prompt_len: int,
              max_new_tokens: int, micro_batches: int, beta: float, logprob_chunk: int,
-             eval_rollouts: tuple[tuple[int, int], ...] = (), master_weights: bool = False) -> MemoryEstimate:
+             eval_rollouts: tuple[tuple[int, int], ...] = (), master_weights: bool = False,
+             merged_sampler: bool = True) -> MemoryEstimate:
     """Per-device bytes for one model on mesh ``sizes``; ``prompt_len`` = the padded prompt length (a bucket);
     ``eval_rollouts`` = (prompts, samples) of each eval generate call."""
     pb, cb, d, t = BYTES[cfg.param_dtype], BYTES[cfg.dtype], sizes["data"] * sizes["fsdp"], sizes["tensor"]
@@ -176,14 +178,17 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     all_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes) * pb
     decode_w = all_t + E * Vt * pb if sizes["fsdp"] > 1 else stacked
 
-    def rollout(prompts: int, samples: int) -> tuple[int, int]:
+    def rollout(prompts: int, samples: int, copy: int = 0) -> tuple[int, int]:
         p = -(-bucket(prompts, 1) // d)  # prompt rows per device, padded as rollout.generate pads them
         slot = 2 * L * Kt * H * cb  # one cached token of one row, all layers
         kv = slot * p * (prompt_len + samples * (max_new_tokens - 1))
         prefill = 2 * slot * prompt_len * p + p * (forward(prompt_len, prompt_len**2, 8 + cb) + Vt * cb) + layer_t * pb
-        return kv, decode_w + max(prefill - kv, 4 * p * samples * V * 4)
+        return kv, copy + decode_w + max(prefill - kv, 4 * p * samples * V * 4)
 
-    kv_cache, rollout_work = max((rollout(*r) for r in ((batch_prompts, group_size),) + eval_rollouts), key=sum)
+    # LoRA's training rollout samples from a copy of the base weights with the adapters merged in
+    merged = params if cfg.lora is not None and merged_sampler else 0
+    kv_cache, rollout_work = max((rollout(*r) for r in ((batch_prompts, group_size, merged),) + eval_rollouts),
+                                 key=sum)
     overlap = 2 if micro_batches == 2 else 1  # the single-step scan over the second micro-batch is inlined
     saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, sum(blocks)))
     lora = cfg.lora is not None  # the base is frozen: no gradient of a gathered layer or of the head
@@ -214,7 +219,7 @@ def estimate_experiment(cfg: ExperimentConfig, model_cfg: ModelConfig, num_devic
                     prompt_len=bucket(prompt_len, cfg.rollout.min_prompt_bucket),
                     max_new_tokens=cfg.rollout.max_new_tokens, micro_batches=cfg.train.micro_batches,
                     beta=cfg.algo.loss.beta, logprob_chunk=cfg.train.logprob_chunk, eval_rollouts=evals,
-                    master_weights=bool(m.master_weights))
+                    master_weights=bool(m.master_weights), merged_sampler=cfg.rollout.merge_lora)
 
 
 def model_config(cfg: ExperimentConfig) -> ModelConfig:

@@ -3,6 +3,7 @@ the compiled step and passes, checkpoints, metrics), built once by ``build_run``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -61,7 +62,7 @@ class Run:
     model_config: ModelConfig
     prompt_bucket: int  # generate's min_prompt_bucket (rollout.fixed_prompt_len: the longest training prompt)
     base_graphdef: nnx.GraphDef | None = None  # model.lora: the policy without adapters (reference pass, export)
-    sampler_graphdef: nnx.GraphDef | None = None  # the policy with rollout.dtype as its compute dtype (None: graphdef)
+    sampler_graphdef: nnx.GraphDef | None = None  # what samples: the policy (LoRA: the base) in rollout.dtype
     sampler_mesh: Any = None  # rollout.mesh built (None: the sampler uses ``mesh``)
     sampler_shardings: Any = None  # the params' shardings on sampler_mesh
     writer: MetricsWriter | None = None
@@ -69,19 +70,29 @@ class Run:
 
     @property
     def separate_sampler(self) -> bool:
-        """Whether the sampler's params differ from the trainer's (``rollout.dtype`` or ``rollout.mesh`` set)."""
-        return self.cfg.rollout.dtype is not None or self.sampler_mesh is not None
+        """Whether the sampler's params differ from the trainer's (``rollout.dtype``, ``rollout.mesh`` or
+        ``model.lora`` set)."""
+        return self.cfg.rollout.dtype is not None or self.sampler_mesh is not None or self.merged_sampler
+
+    @property
+    def merged_sampler(self) -> bool:
+        """LoRA with ``rollout.merge_lora``: the sampler runs the base model with the adapters merged in."""
+        return self.base_graphdef is not None and self.cfg.rollout.merge_lora
 
     def sampler_params(self, params):
-        """The weight sync: a copy of the trainer's ``params`` for the sampler, cast to ``rollout.dtype`` and
-        resharded onto ``rollout.mesh`` (when set: the params' logical axes under the one rules table, on the
-        sampler's devices)."""
-        dtype = self.cfg.rollout.dtype
-        params = jax.tree.map(lambda x: jnp.copy(x) if dtype is None or x.dtype == dtype else x.astype(dtype), params)
+        """The weight sync: a copy of the trainer's ``params`` for the sampler, with LoRA's adapters merged into the
+        base weights (``rollout.merge_lora``), cast to ``rollout.dtype`` and resharded onto ``rollout.mesh`` (when
+        set: the params' logical axes under the one rules table, on the sampler's devices)."""
+        dtype, fresh = self.cfg.rollout.dtype, self.merged_sampler
+        if fresh:
+            params = _merge(params, self.model_config)  # new buffers, as the copy below would be
+        params = jax.tree.map(lambda x: x.astype(dtype) if dtype is not None and x.dtype != dtype
+                              else x if fresh else jnp.copy(x), params)
         return params if self.sampler_mesh is None else jax.device_put(params, self.sampler_shardings)
 
     def sampler_shapes(self, params):
         """The shapes, dtypes and shardings of ``sampler_params(params)`` (a checkpoint's restore target)."""
+        params = lora.base_state(params) if self.merged_sampler else params
         dtype = self.cfg.rollout.dtype
         shardings = (jax.tree.map(lambda x: x.sharding, params) if self.sampler_mesh is None
                      else self.sampler_shardings)
@@ -223,6 +234,9 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     if algorithm.needs_policy_logprobs:  # the reference's pass when it is a copy of the policy (same graphdef)
         policy_logprobs = ref_logprobs if ref_graphdef == graphdef else logprob_fn(
             graphdef, cfg.rollout.temperature, cfg.train.logprob_chunk, cfg.train.micro_batches, layout, mesh)
+    # what the sampler runs: the policy, or under LoRA the base model with the adapters merged in
+    merged = cfg.model.lora is not None and cfg.rollout.merge_lora
+    sampled = (bare[0], lora.base_state(params)) if merged else (graphdef, params)
     key, eval_key = jax.random.split(jax.random.key(cfg.seed))
     run = Run(cfg=cfg, run_dir=run_dir, mesh=mesh, tokenizer=tokenizer, splits=splits, terms=terms,
               pool=RewardPool(cfg.rewards.num_workers) if any(t.reward.isolated for t in terms) else None,
@@ -234,8 +248,8 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
               key=key, eval_key=eval_key, eos_ids=[] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id],
               model_config=policy.config, prompt_bucket=prompt_bucket(cfg, tokenizer, splits.train),
               base_graphdef=None if cfg.model.lora is None else bare[0],
-              sampler_graphdef=sampler_graphdef(graphdef, params, cfg.rollout.dtype), sampler_mesh=sampler_mesh,
-              sampler_shardings=None if sampler_mesh is None else model_shardings(params, sampler_mesh))
+              sampler_graphdef=sampler_graphdef(*sampled, cfg.rollout.dtype), sampler_mesh=sampler_mesh,
+              sampler_shardings=None if sampler_mesh is None else model_shardings(sampled[1], sampler_mesh))
     dyn = cfg.rollout.dynamic_group
     rs = RunState(train=state, ref_params=ref_params, moments=RunningMoments.zeros(), order=OrderState(),
                   history=None if dyn is None else GroupHistory(dyn), keep_ref=run.refresh_ref,
@@ -252,11 +266,15 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
     return run, rs, start
 
 
-def sampler_graphdef(graphdef: nnx.GraphDef, params, dtype: str | None) -> nnx.GraphDef | None:
-    """The policy's graphdef with every model config's ``dtype`` and ``param_dtype`` set to ``dtype`` (None: no
-    separate sampler dtype)."""
+@functools.partial(jax.jit, static_argnums=1)
+def _merge(params, model_config: ModelConfig):
+    return lora.merged_state(params, model_config)
+
+
+def sampler_graphdef(graphdef: nnx.GraphDef, params, dtype: str | None) -> nnx.GraphDef:
+    """``graphdef`` with every model config's ``dtype`` and ``param_dtype`` set to ``dtype`` (None: unchanged)."""
     if dtype is None:
-        return None
+        return graphdef
     model = nnx.merge(graphdef, params)
     for _, module in nnx.iter_modules(model):
         if isinstance(getattr(module, "config", None), ModelConfig):

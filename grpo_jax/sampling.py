@@ -61,7 +61,7 @@ def sample(run: Run, params, examples: list[dict], history, step: int, attempt: 
     cfg, G = run.cfg, run.cfg.rollout.group_size
     rows, sizes, n_valid, ids_B = rollout_rows(examples, G, history, cfg.rollout.max_new_tokens)
     fixed = history is None
-    model = nnx.merge(run.sampler_graphdef or run.graphdef, params)
+    model = nnx.merge(run.graphdef if run.sampler_graphdef is None else run.sampler_graphdef, params)
     ro = generate(model, encode_prompts(run.tokenizer, examples if fixed else rows),
                   max_new_tokens=cfg.rollout.max_new_tokens, num_samples=G if fixed else 1,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,

@@ -66,11 +66,12 @@ def test_peft_adapter_folder_loads_onto_the_base_in_torch_with_our_logits(tmp_pa
                                np.asarray(ours(tokens, attention_mask_BxT=mask)), atol=1e-4)
 
 
-def lora_run(tmp_path, name, **model):
+def lora_run(tmp_path, name, steps=4, rollout=None, **model):
     from grpo_jax.loop import train
 
     cfg = tiny_experiment(mesh={"data": 1, "num_devices": 1}, eval={"num_examples": 0},
-                          train={"steps": 4, "batch_prompts": 4, "log_memory": True},
+                          train={"steps": steps, "batch_prompts": 4, "log_memory": True},
+                          rollout=tiny_experiment()["rollout"] | (rollout or {}),
                           rewards={"fns": [{"name": "loop_helpers:length_reward"}], "num_workers": 1},
                           checkpoint={"every": 1, "keep": 4, "async_save": False, "export_hf": True})
     cfg["model"] |= model
@@ -108,6 +109,10 @@ def test_lora_run_trains_adapters_only_with_a_free_reference_and_resumes(tmp_pat
     assert summary["start_step"] == 2
     for key in ("train/loss", "train/grad_norm", "train/kl"):
         np.testing.assert_allclose(resumed[-1][key], rows[-1][key], rtol=1e-6, err_msg=key)
+    # the sampler applying the adapters instead of merging them: at step 1 (B = 0) the same samples and update
+    applied, _ = lora_run(tmp_path, "applied", steps=1, rollout={"merge_lora": False}, lora={"rank": 4, "alpha": 8.0})
+    for key in ("reward/total/mean", "length/mean", "train/loss", "train/grad_norm"):
+        assert applied[1][key] == rows[1][key], key
 
 
 def test_lora_config_errors():

@@ -76,8 +76,8 @@ def base_state(params: nnx.State) -> nnx.State:
 
 
 def attach(policy: nnx.Module, cfg: LoRAConfig, seed: int, mesh) -> nnx.Module:
-    """``policy`` with fresh adapters (B = 0: the same outputs) placed on ``mesh`` like their base weights; the base
-    weights are shared, not copied."""
+    """``policy`` with fresh adapters (B = 0: the same outputs) placed on ``mesh`` like their base weights (None:
+    left on the default device); the base weights are shared, not copied."""
     from grpo_jax.mesh import shard_model
     from grpo_jax.models.heads import build_model
 
@@ -85,7 +85,8 @@ def attach(policy: nnx.Module, cfg: LoRAConfig, seed: int, mesh) -> nnx.Module:
     # only the adapters leave this jit: XLA drops the random init of the base weights
     adapters = jax.jit(lambda: nnx.state(build_model(model_cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam))()
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(seed))))[0]
-    return shard_model(nnx.merge(graphdef, nnx.merge_state(nnx.state(policy), adapters)), mesh)
+    model = nnx.merge(graphdef, nnx.merge_state(nnx.state(policy), adapters))
+    return model if mesh is None else shard_model(model, mesh)
 
 
 def merged_state(params: nnx.State, cfg: ModelConfig) -> nnx.State:
