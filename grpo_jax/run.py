@@ -10,14 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax import config as config_lib
 from grpo_jax import storage
 from grpo_jax.advantages import RunningMoments
 from grpo_jax.algorithms import Algorithm, build_algorithm
 from grpo_jax.checkpoint import Checkpointer, PreemptionWatch, start_over
 from grpo_jax.critic import value_fn
 from grpo_jax.data import OrderState, build_splits
-from grpo_jax.evaluation import encode_prompts
 from grpo_jax.experiment import ExperimentConfig
 from grpo_jax.group_size import GroupHistory
 from grpo_jax.layout import Layout, planned_step
@@ -27,13 +25,16 @@ from grpo_jax.multihost import is_primary, sync, to_host
 from grpo_jax.optim import make_optimizer
 from grpo_jax.rewards import RewardPool, resolve_rewards
 from grpo_jax.run_setup import (
+    build_meshes,
     build_policy,
     export_hf,
     load_model,
     load_reference,
     load_tokenizer,
     logprob_fn,
+    prompt_bucket,
     warm_start,
+    write_config,
 )
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import MetricsWriter, compiled_stats, tree_bytes
@@ -150,36 +151,6 @@ class Run:
                 part.close()
 
 
-def prompt_bucket(cfg: ExperimentConfig, tokenizer, train_rows: list[dict]) -> int:
-    """The smallest prompt length ``generate`` pads to: ``rollout.min_prompt_bucket``, or with
-    ``rollout.fixed_prompt_len`` at least the longest training prompt (so every step has the same shape)."""
-    if not cfg.rollout.fixed_prompt_len or not train_rows:
-        return cfg.rollout.min_prompt_bucket
-    return max(cfg.rollout.min_prompt_bucket, *map(len, encode_prompts(tokenizer, train_rows)))
-
-
-def validate(cfg: ExperimentConfig, mesh) -> None:
-    """Checks that need the devices; raise before any compute."""
-    B, shards, m = cfg.train.batch_prompts * cfg.rollout.group_size, batch_size_multiple(mesh), cfg.train.micro_batches
-    if B % m or (B // m) % shards:
-        raise config_lib.ConfigError(
-            f"train.batch_prompts * rollout.group_size = {B} sequences must split into train.micro_batches={m} "
-            f"micro-batches that are each divisible by the mesh's data*fsdp = {shards}"
-        )
-
-
-def write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
-    """Every process checks an existing config.yaml before process 0 (re)writes it."""
-    path = run_dir / "config.yaml"
-    text = config_lib.to_yaml(cfg)
-    if path.exists() and path.read_text() != text:
-        raise config_lib.ConfigError(
-            f"{path} holds a different config; resume with the same one or use a new --run-dir")
-    sync("config checked")
-    if is_primary():
-        path.write_text(text)
-
-
 def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
     """(initial TrainState, jitted train step of the algorithm's objective, its ``train.layout`` or None when
     padded). A packed layout's step plans each batch's rows on the host (``grpo_jax.layout.planned_step``)."""
@@ -202,15 +173,7 @@ def _step(cfg: ExperimentConfig, algorithm: Algorithm, graphdef, params, mesh):
 def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple[Run, RunState, int]:
     """(run, its state restored from the newest checkpoint, the step it starts at). Config errors are raised before
     any compute; nothing in ``run_dir`` but ``config.yaml`` (and a warm start) is written before the restore."""
-    try:
-        mesh = cfg.mesh.build()
-    except ValueError as e:
-        raise config_lib.ConfigError(f"mesh: {e}") from None
-    try:
-        sampler_mesh = None if cfg.rollout.mesh is None else cfg.rollout.mesh.build()
-    except ValueError as e:
-        raise config_lib.ConfigError(f"rollout.mesh: {e}") from None
-    validate(cfg, mesh)
+    mesh, sampler_mesh = build_meshes(cfg)
     run_dir = storage.location(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax import storage
-from grpo_jax.config import ConfigError
+from grpo_jax.config import ConfigError, to_yaml
+from grpo_jax.evaluation import encode_prompts
 from grpo_jax.experiment import ExperimentConfig, ModelSection
 from grpo_jax.layout import Layout, planned_logprobs
-from grpo_jax.mesh import shard_model
+from grpo_jax.mesh import batch_size_multiple, shard_model
 from grpo_jax.models import CausalLM, build_model, load_hf, save_hf, token_logprobs
 from grpo_jax.models.packed import plan_logprobs
 from grpo_jax.multihost import is_primary, sync, to_host
@@ -124,3 +125,48 @@ def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int, micr
     if layout is None:
         return fn
     return planned_logprobs(fn, dataclasses.replace(layout, contiguous=False), mesh)
+
+
+def prompt_bucket(cfg: ExperimentConfig, tokenizer, train_rows: list[dict]) -> int:
+    """The smallest prompt length ``generate`` pads to: ``rollout.min_prompt_bucket``, or with
+    ``rollout.fixed_prompt_len`` at least the longest training prompt (so every step has the same shape)."""
+    if not cfg.rollout.fixed_prompt_len or not train_rows:
+        return cfg.rollout.min_prompt_bucket
+    return max(cfg.rollout.min_prompt_bucket, *map(len, encode_prompts(tokenizer, train_rows)))
+
+
+def validate(cfg: ExperimentConfig, mesh) -> None:
+    """Checks that need the devices; raise before any compute."""
+    B, shards, m = cfg.train.batch_prompts * cfg.rollout.group_size, batch_size_multiple(mesh), cfg.train.micro_batches
+    if B % m or (B // m) % shards:
+        raise ConfigError(
+            f"train.batch_prompts * rollout.group_size = {B} sequences must split into train.micro_batches={m} "
+            f"micro-batches that are each divisible by the mesh's data*fsdp = {shards}"
+        )
+
+
+def write_config(run_dir: storage.Location, cfg: ExperimentConfig) -> None:
+    """Every process checks an existing config.yaml before process 0 (re)writes it."""
+    path = run_dir / "config.yaml"
+    text = to_yaml(cfg)
+    if path.exists() and path.read_text() != text:
+        raise ConfigError(
+            f"{path} holds a different config; resume with the same one or use a new --run-dir")
+    sync("config checked")
+    if is_primary():
+        path.write_text(text)
+
+
+def build_meshes(cfg: ExperimentConfig):
+    """(the trainer's mesh, ``rollout.mesh`` built or None), checked against the batch: config errors before any
+    compute."""
+    try:
+        mesh = cfg.mesh.build()
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    try:
+        sampler_mesh = None if cfg.rollout.mesh is None else cfg.rollout.mesh.build()
+    except ValueError as e:
+        raise ConfigError(f"rollout.mesh: {e}") from None
+    validate(cfg, mesh)
+    return mesh, sampler_mesh

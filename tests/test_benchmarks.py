@@ -110,3 +110,9 @@ def test_smoke_real_benchmark_smoke(capsys):
     assert result["second_step_s"] > 0 and result["compiled_peak_gib"] > 0
     assert result["reference_params_gib"] == 0.0  # LoRA: the base weights are the reference
     assert "MiB/device compiled vs" in capsys.readouterr().out
+
+
+def test_lora_sampler_benchmark_smoke(capsys):
+    report = load("lora_sampler").main(["--tiny"])
+    assert report["applied"]["median"] > 0 and report["merged"]["median"] > 0
+    assert "speed of merged / applied" in capsys.readouterr().out
