@@ -5,10 +5,11 @@ stacked over the layers like W. A starts uniform in ±1/√fan_in and B at 0 (PE
 leaves the model's outputs exactly as they were. Flax's ``nnx.LoRA`` module wraps one 2-D kernel; ours are stacked
 [L, ...] params under ``lax.scan`` with multi-dim in/out axes, so the layers hold ``nnx.LoRAParam`` variables
 directly and ``transformer._dense`` adds the low-rank product: the variable type is what separates trainable adapter
-from frozen base (``frozen``, ``split_frozen``) and what the reference pass leaves out (the adapter off: the same
+from frozen base (the ``frozen`` filter) and what the reference pass leaves out (the adapter off: the same
 base arrays under the base model's graphdef, no second copy).
 
-``merged_state`` folds the adapter into W (the merged HF export); ``save_peft`` writes a PEFT adapter folder
+``merged_state`` folds the adapter into W (the merged HF export, and the sampler's weights with
+``rollout.merge_lora``); ``save_peft`` writes a PEFT adapter folder
 (``adapter_config.json``, ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the base.
 """
 from __future__ import annotations
@@ -63,11 +64,6 @@ def frozen(path, value) -> bool:
     """The nnx filter of the frozen base weights under LoRA: the policy's own params (``model``/``lm_head``) that
     are not adapters. What an algorithm adds beside them (a value head, a separate critic) trains in full."""
     return isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam) and path[0] in ("model", "lm_head")
-
-
-def split_frozen(params: nnx.State) -> tuple[nnx.State, nnx.State]:
-    """(frozen base, trainable rest) of a LoRA policy's state; ``nnx.merge_state`` joins them back."""
-    return nnx.filter_state(params, frozen, ...)
 
 
 def base_state(params: nnx.State) -> nnx.State:
