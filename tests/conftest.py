@@ -19,3 +19,7 @@ atexit.register(shutil.rmtree, os.environ["GRPO_JAX_CACHE"], ignore_errors=True)
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The whole suite shares that cache: identical programs compiled by different tests (the same tiny model's passes)
+# are compiled once (measured on 4 test files: 212 -> 181 s).
+jax.config.update("jax_compilation_cache_dir", os.environ["GRPO_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

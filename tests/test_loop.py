@@ -28,10 +28,10 @@ def final_params(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", [
-    {}, {"mode": "one_step_off"},
+@pytest.mark.parametrize("rollout", [  # sync: test_gcs.py's kill -9 test (the same run, on a gs:// run folder)
+    {"mode": "one_step_off"},
     {"mode": "async", "max_staleness": 2, "dtype": "bfloat16", "mesh": {"first_device": 4, "data": 2, "tensor": 2}}],
-    ids=["sync", "one_step_off", "async-2-bf16-sampler-on-its-own-mesh"])
+    ids=["one_step_off", "async-2-bf16-sampler-on-its-own-mesh"])
 def test_resume_after_kill_9_is_exact(tmp_path, cache, rollout):
     """kill -9 after the checkpoint at step 2, rerun: the same metrics and final params as an uninterrupted run. With
     rollouts ahead of the updates the checkpoint holds the sampler params of the batches in flight, which the rerun

@@ -59,7 +59,7 @@ def setup():
     rs = State(train=SimpleNamespace(params=params), ref_params=ref_params, moments=RunningMoments.zeros())
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     run = lambda alg: SimpleNamespace(algorithm=alg, ref_logprobs=fn, policy_logprobs=fn, critic_values=None,  # noqa: E731
-                                      mesh=mesh)
+                                      mesh=mesh, reference_params=lambda rs: rs.ref_params)
     return run, rs, scored, pol, ref
 
 
