@@ -100,7 +100,7 @@ def estimated_train_peak(exp_dir: Path) -> int:
     cfg = load_experiment(str(exp_dir))
     tokenizer = load_tokenizer(cfg.model)
     prompt_len = max(map(len, encode_prompts(tokenizer, build_splits(cfg.data, tokenizer).train)))
-    est = estimate_experiment(cfg, cfg.model.init, 8, prompt_len=prompt_len)
+    est = estimate_experiment(cfg, cfg.model.init, 8, prompt_len=prompt_len, xla_cpu=True)
     return est.params + est.optimizer + est.phases["train"]
 
 

@@ -13,11 +13,15 @@ Left out: XLA:CPU computes bf16 in float32 and keeps float32 copies (bf16 on CPU
 formulas, 38% in the sampler), so bf16 is checked only through the dtype terms; TPU pads a last dimension below 128
 (head_dim 64: the KV cache) to 128 lanes; the runtime's reserve.
 
-Sharding as mesh.py intends it: params and AdamW moments placed by LOGICAL_AXIS_RULES, activations split over the
-batch axes. Not yet so in the code under a mesh that shards params: ``init_train_state`` leaves the moments replicated
-(``optimizer.init`` under jit without output shardings), and with fsdp > 1 XLA splits the activations along E and
-gathers the batch (the model sets no activation sharding). There the columns are what the code should hold: with
-both fixed in a scratch copy, fsdp = 4, 8 and tensor = 2, 4, 8 meshes came within 16% of XLA:CPU.
+Sharding as mesh.py sets it: params and AdamW moments placed by LOGICAL_AXIS_RULES (``init_train_state``),
+activations split over the batch axes (``mesh.constrain_batch`` on each layer's output and each head chunk: left to
+itself, with fsdp > 1 XLA split them along E and gathered the whole batch's float32 logits on every device), the
+output head gathered over fsdp once, in the compute dtype, for the forward and the backward (``mesh.gather_fsdp``:
+left to itself XLA gathered it in float32 once for each). fsdp = 4, 8 and tensor = 2, 4, 8 meshes came within 16%.
+``xla_cpu=True`` adds what XLA:CPU holds beyond these formulas with bf16 compute, measured on fsdp = 8 (the
+full-size smoke run, benchmarks/smoke_real.py): it runs a bf16 matmul in float32, so the gathered head has a float32
+copy [E, Vt] beside the bf16 one in the train step; with full fine-tuning the bf16 one is dead by the head's
+backward, where the head's float32 gradient lives ((4 - cb) x E x Vt more), with LoRA it is not (4 x E x Vt).
 
 Notation: L layers, E hidden, F MLP, N heads, K kv heads, H head_dim, V vocab; pb / cb bytes of param_dtype / compute
 dtype; d = mesh data*fsdp (batch shards), t = tensor (N, K, F, V are divided by t where divisible: Nt, Kt, Ft, Vt);
@@ -148,9 +152,9 @@ def score_blocks(S: int, block: int | None) -> list[int]:
 def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, group_size: int, prompt_len: int,
              max_new_tokens: int, micro_batches: int, beta: float, logprob_chunk: int,
              eval_rollouts: tuple[tuple[int, int], ...] = (), master_weights: bool = False,
-             merged_sampler: bool = True) -> MemoryEstimate:
+             merged_sampler: bool = True, xla_cpu: bool = False) -> MemoryEstimate:
     """Per-device bytes for one model on mesh ``sizes``; ``prompt_len`` = the padded prompt length (a bucket);
-    ``eval_rollouts`` = (prompts, samples) of each eval generate call."""
+    ``eval_rollouts`` = (prompts, samples) of each eval generate call; ``xla_cpu``: XLA:CPU's float32 copies too."""
     pb, cb, d, t = BYTES[cfg.param_dtype], BYTES[cfg.dtype], sizes["data"] * sizes["fsdp"], sizes["tensor"]
     L, E, H, V = cfg.num_layers, cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     Nt, Kt, Ft, Vt = (x // t if x % t == 0 else x for x in (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, V))
@@ -194,6 +198,8 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     lora = cfg.lora is not None  # the base is frozen: no gradient of a gathered layer or of the head
     layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + (2 - lora) * gathered
     head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb * (not lora))
+    if xla_cpu and cb < 4:  # the head's float32 copy for XLA:CPU's float32 matmul (module docstring)
+        head += E * Vt * (4 if lora else 4 - cb)
     adapters = sum(shard_numel(a, s, sizes) for a, s in adapter_shapes(cfg)) * 4  # float32
     trained = adapters if lora else params
     return MemoryEstimate(
@@ -208,7 +214,7 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
 
 
 def estimate_experiment(cfg: ExperimentConfig, model_cfg: ModelConfig, num_devices: int, *,
-                        prompt_len: int) -> MemoryEstimate:
+                        prompt_len: int, xla_cpu: bool = False) -> MemoryEstimate:
     """``estimate`` with the experiment's dtypes, remat, batch, mesh and eval; ``prompt_len`` = the longest prompt
     of a batch in tokens (padded to its bucket as the rollout pads it)."""
     m = cfg.model
@@ -219,7 +225,7 @@ def estimate_experiment(cfg: ExperimentConfig, model_cfg: ModelConfig, num_devic
                     prompt_len=bucket(prompt_len, cfg.rollout.min_prompt_bucket),
                     max_new_tokens=cfg.rollout.max_new_tokens, micro_batches=cfg.train.micro_batches,
                     beta=cfg.algo.loss.beta, logprob_chunk=cfg.train.logprob_chunk, eval_rollouts=evals,
-                    master_weights=bool(m.master_weights), merged_sampler=cfg.rollout.merge_lora)
+                    master_weights=bool(m.master_weights), merged_sampler=cfg.rollout.merge_lora, xla_cpu=xla_cpu)
 
 
 def model_config(cfg: ExperimentConfig) -> ModelConfig:

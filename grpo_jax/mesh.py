@@ -86,6 +86,32 @@ def shard_batch(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
+def constrain_batch(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` (activations, leading axis the batch) split over the batch mesh axes of the mesh ``like`` (a param)
+    lives on, its other axes whole. Without it, XLA's propagation follows the params: with fsdp > 1 it splits the
+    activations along ``embed`` (as the params are split) and gathers the batch on every device. A no-op off a mesh,
+    on a mesh without batch sharding, or for a batch its shards do not divide."""
+    mesh = jax.typeof(like).sharding.mesh
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if shards == 1 or x.shape[0] % shards:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(("batch",))))
+
+
+def gather_fsdp(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """A param (or a cast of one) all-gathered over ``fsdp`` and still split over ``tensor`` as its rules say: one
+    gathered copy that a jitted function's forward and backward share (left to itself XLA gathers the output head
+    once for each of them, both live at once). A no-op off a mesh or with fsdp = 1."""
+    mesh = jax.typeof(w).sharding.mesh
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+        return w
+    spec = [None if axis == "fsdp" else axis for axis in logical_spec(logical_axes)]
+    spec = [axis if axis is None or dim % mesh.shape[axis] == 0 else None for axis, dim in zip(spec, w.shape)]
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def param_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
     """Sharding of one param from its logical axis names; a dimension not divisible by its mesh axes is replicated
     (e.g. 2 kv heads on tensor=4), so any checkpoint loads on any mesh."""

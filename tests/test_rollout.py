@@ -191,7 +191,7 @@ def test_prompts_split_over_the_mesh_batch_axes_give_the_same_samples():
     prompts = PROMPTS * 2  # 8 prompts: one per device
     kw = dict(max_new_tokens=6, num_samples=2, temperature=1.0, pad_id=0, rng=3)
     replicated, split = generate(model, prompts, **kw), generate(model, prompts, mesh=mesh, **kw)
-    assert replicated.completion_BxT.sharding.is_fully_replicated
+    # (unplaced prompts are split too once inside: the model keeps its activations split over the batch axes)
     assert split.completion_BxT.shape == (16, 6) and split.completion_BxT.sharding.spec[0] == "data"
     np.testing.assert_array_equal(split.completion_BxT, replicated.completion_BxT)
     np.testing.assert_allclose(split.logprobs_BxT, replicated.logprobs_BxT, atol=1e-5)

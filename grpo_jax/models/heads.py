@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.mesh import gather_fsdp
 from grpo_jax.models.cache import KVCache
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.transformer import Decoder, init_param
@@ -43,9 +44,10 @@ class CausalLM(nnx.Module):
         return hidden_BxTxE if cache is None else (hidden_BxTxE, new_cache)
 
     def lm_head_ExV(self) -> jax.Array:
-        """The output projection [E, V] in the compute dtype (the transposed embedding when tied)."""
+        """The output projection [E, V] in the compute dtype (the transposed embedding when tied), gathered over
+        fsdp once, after the cast."""
         w = self.model.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return w.astype(self.config.compute_dtype)
+        return gather_fsdp(w.astype(self.config.compute_dtype), ("embed", "vocab"))
 
     def logits(self, hidden_BxTxE: jax.Array) -> jax.Array:
         return hidden_BxTxE @ self.lm_head_ExV()

@@ -4,12 +4,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from grpo_jax.mesh import constrain_batch
 from grpo_jax.models.heads import CausalLM
 
 
 def _chunk_stats(h_BxCxE, targets_BxC, w_ExV, inv_temperature, return_entropy):
     """float32 log p(target) and entropy of softmax(h @ w / temperature) for one chunk of positions."""
     B, C, E = h_BxCxE.shape  # one 2-D matmul: XLA:CPU's backward of the 3-D einsum is several times slower
+    h_BxCxE = constrain_batch(h_BxCxE, w_ExV)  # and its cotangent: rows split, never the batch's logits gathered
     logits_BxCxV = jnp.matmul(h_BxCxE.reshape(B * C, E), w_ExV, preferred_element_type=jnp.float32).reshape(B, C, -1)
     logits_BxCxV = logits_BxCxV * inv_temperature
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)

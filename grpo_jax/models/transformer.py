@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax.mesh import constrain_batch
 from grpo_jax.models.cache import KVCache
 from grpo_jax.models.config import LORA_TARGETS, ModelConfig
 from grpo_jax.models.lora import adapter, add_adapter_params
@@ -183,13 +184,17 @@ class Decoder(nnx.Module):
             start_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths_B
             positions_BxT = start_B[:, None] + jnp.maximum(jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1, 0)
         cos, sin = rope_tables(positions_BxT, inv_frequencies(cfg), cfg.compute_dtype)
-        x_BxTxE = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        # activations stay split over the batch (and whole along E) however the params are split (fsdp gathers
+        # each layer's weights instead)
+        embed = self.embed[...]
+        x_BxTxE = constrain_batch(jnp.take(embed, tokens_BxT, axis=0).astype(cfg.compute_dtype), embed)
         graphdef, stack = nnx.split(self.layers)
 
         if cache is None:
             def body(x, layer_state):
                 p = nnx.merge(graphdef, layer_state)
-                return decoder_layer(cfg, p, x, cos, sin, causal_attention(mask_BxT, cfg.attention_block)), None
+                x = decoder_layer(cfg, p, x, cos, sin, causal_attention(mask_BxT, cfg.attention_block))
+                return constrain_batch(x, embed), None
 
             body = jax.checkpoint(body) if cfg.remat else body
             x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, stack, unroll=1 if cfg.scan_layers else cfg.num_layers)
@@ -199,13 +204,13 @@ class Decoder(nnx.Module):
         key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
         if T == 1:
             layers = self.split_layers() if layers is None else layers
-            x_BxTxE, ks, vs = self._decode_layers(x_BxTxE, graphdef, layers, cos, sin, cache, key_mask_BxS)
+            x_BxTxE, ks, vs = self._decode_layers(x_BxTxE, graphdef, layers, cos, sin, cache, key_mask_BxS, embed)
         else:
-            x_BxTxE, ks, vs = self._prefill_layers(x_BxTxE, graphdef, stack, cos, sin, cache, key_mask_BxS)
+            x_BxTxE, ks, vs = self._prefill_layers(x_BxTxE, graphdef, stack, cos, sin, cache, key_mask_BxS, embed)
         new_cache = KVCache(k_BxKxSxH=ks, v_BxKxSxH=vs, mask_BxS=key_mask_BxS, index=index + T)
         return rms_norm(x_BxTxE, self.norm, cfg.rms_norm_eps), new_cache
 
-    def _decode_layers(self, x_BxTxE, graphdef, layers, cos, sin, cache: KVCache, key_mask_BxS):
+    def _decode_layers(self, x_BxTxE, graphdef, layers, cos, sin, cache: KVCache, key_mask_BxS, embed):
         """One new token per row: the layers unrolled in Python, each writing its own cache buffer in place.
         ``layers``: ``split_layers()``, made once outside a decode loop (inside it, XLA would copy every layer's
         weight slice on every step). Returns (x, keys, values)."""
@@ -220,9 +225,10 @@ class Decoder(nnx.Module):
                 return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
 
             x_BxTxE = decoder_layer(self.config, p, x_BxTxE, cos, sin, cached_attention(kv_write, key_mask_BxS, index))
+            x_BxTxE = constrain_batch(x_BxTxE, embed)
         return x_BxTxE, tuple(ks), tuple(vs)
 
-    def _prefill_layers(self, x_BxTxE, graphdef, stack, cos, sin, cache: KVCache, key_mask_BxS):
+    def _prefill_layers(self, x_BxTxE, graphdef, stack, cos, sin, cache: KVCache, key_mask_BxS, embed):
         """Several new tokens per row (the prompt): a scan over the stacked layers (compile time independent of
         depth) on a stacked copy of the cache, split back into per-layer buffers. Returns (x, keys, values)."""
         cfg, index = self.config, cache.index
@@ -241,7 +247,7 @@ class Decoder(nnx.Module):
                 return k_all[i].astype(k.dtype), v_all[i].astype(v.dtype)
 
             x = decoder_layer(cfg, p, x, cos, sin, cached_attention(kv_write, key_mask_BxS, index))
-            return (x, k_all, v_all), None
+            return (constrain_batch(x, embed), k_all, v_all), None
 
         body_cached = jax.checkpoint(body_cached) if cfg.remat else body_cached
         carry = (x_BxTxE, jnp.stack(cache.k_BxKxSxH), jnp.stack(cache.v_BxKxSxH))
