@@ -1,6 +1,6 @@
 """Full-size smoke run: two GRPO steps at a real model's geometry, full fine-tuning and LoRA, on an 8-device mesh.
 
-    python benchmarks/smoke_real.py                      # Qwen2.5-0.5B and Qwen3-0.6B geometry, full + LoRA (~20 min)
+    python benchmarks/smoke_real.py                      # Qwen2.5-0.5B and Qwen3-0.6B geometry, full + LoRA (~30 min)
     python benchmarks/smoke_real.py --geometry qwen3_06b --modes lora
     python benchmarks/smoke_real.py --geometry tiny      # seconds: the suite's check that this script works
 
@@ -11,6 +11,12 @@ a Qwen-style chat template, the arith task rendered through that template, and t
 ``mesh.fsdp=8`` over 8 host devices (``--xla_force_host_platform_device_count``), remat, bfloat16 compute on float32
 params, GRPO with β = 0.04 (a reference pass: a copy of the policy for full fine-tuning, the base weights with the
 adapter off for LoRA), 2 prompts x G 4, 16 new tokens. LoRA: rank 16, alpha 32, all seven projections.
+The sampler runs on its own mesh over the same 8 devices, tensor = 8, in bfloat16 (``rollout.mesh``,
+``rollout.dtype``: a tensor-parallel sampler beside an FSDP trainer, as verl and tunix run one): under fsdp = 8 XLA
+hoists every layer's all-gather out of the decode loop, and XLA:CPU keeps float32 copies of bfloat16 weights, so
+each of the 8 host devices held the whole model in float32, more than this machine's 24 GB with the trainer's
+state. glibc's malloc serves XLA's large buffers from mmap (``MALLOC_MMAP_THRESHOLD_`` = 1 MiB), so those freed go
+back to the system between phases (without it the second step's rollout went past 23 GiB and was killed).
 
 Per run it prints the first step's wall time (it compiles the sampler, the reference pass and the update), the
 second step's (compiled), the compiled train step's peak bytes per device (XLA's memory analysis,
@@ -81,7 +87,8 @@ def experiment(geometry: str, tokenizer: Path, lora: bool, steps: int) -> dict:
             "data": {"task": "arith", "difficulty": 2, "num_examples": 200, "held_out_fraction": 0.1},
             "rewards": {"fns": [{"name": "exact_int"}], "num_workers": 1},
             "algo": {"preset": "grpo", "loss": {"beta": 0.04}},
-            "rollout": {"group_size": 4, "max_new_tokens": 16, "min_prompt_bucket": 32},
+            "rollout": {"group_size": 4, "max_new_tokens": 16, "min_prompt_bucket": 32, "dtype": "bfloat16",
+                        "mesh": {"data": 1, "fsdp": 1, "tensor": 8}},
             "train": {"steps": steps, "batch_prompts": 2, "log_memory": True},
             "optim": {"lr": 1e-5 if lora else 1e-6}, "eval": {"num_examples": 0},
             "checkpoint": {"every": 1000, "async_save": False, "export_hf": False},
@@ -110,13 +117,14 @@ def run_one(workdir: Path, geometry: str, mode: str, tokenizer: Path, steps: int
     (exp_dir / "config.yaml").write_text(yaml.safe_dump(experiment(geometry, tokenizer, mode == "lora", steps)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "PYTHONPATH": str(ROOT)}
+        "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "grpo_jax.cli", "train", str(exp_dir), "--run-dir",
                            str(exp_dir / "run"), "--no-progress"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:
-        raise RuntimeError(f"{geometry} {mode}: grpo-jax train failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{geometry} {mode}: grpo-jax train failed (exit {proc.returncode}; a negative one is the "
+                           f"signal, -9 often the kernel's OOM killer):\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in (exp_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in rows if "time/step_s" in r]
     peak = steps_[0]["memory/train_step/peak_bytes"]

@@ -35,8 +35,9 @@ float32 moments: 3 x 4 bytes per param; the frozen reference (a copy of the poli
 none: no gradient of a gathered layer or of the head either); the reference is the base itself (0 bytes); the
 training rollout (``rollout.merge_lora``) samples from a merged copy of the base weights: params again.
 Then one phase at a time; the peak is resident + the largest phase:
-  rollout    decode's weights (each layer's slice, made once before the loop: the layer params again; with fsdp > 1
-             XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp plus the [E, Vt] head) and
+  rollout    decode's weights (each layer's slice in cb, made once before the loop: the layer params again; with
+             fsdp > 1 XLA hoists the loop-invariant all-gathers, so every param gathered over fsdp (the layers in cb)
+             plus the [E, Vt] head in cb) and
              the larger of: the prefill (the prompt rows' cache twice, per-layer buffers and the scan's stacked copy,
              p*forward(prompt, prompt², 8 + cb), last-position logits p*Vt*cb, the scan's slice of one layer),
              decoding (the KV cache and 4 float32 [p*G, V] sampling buffers). KV cache
@@ -178,9 +179,11 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     tensor_only = {"data": 1, "fsdp": 1, "tensor": t}  # a param gathered over fsdp
     layer_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] == "layers") // L
     gathered = layer_t * pb if sizes["fsdp"] > 1 else 0  # one layer's weights all-gathered over fsdp
-    # decode's weights: the layer slices; with fsdp > 1 XLA hoists every loop-invariant all-gather out of the loop
-    all_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes) * pb
-    decode_w = all_t + E * Vt * pb if sizes["fsdp"] > 1 else stacked
+    # decode's weights: the layer slices, in cb (Decoder.split_layers); with fsdp > 1 XLA hoists every
+    # loop-invariant all-gather out of the loop: each layer's and the embedding (pb), and the head (cb, gather_fsdp)
+    layers_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] == "layers")
+    rest_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] != "layers")
+    decode_w = layers_t * cb + rest_t * pb + E * Vt * cb if sizes["fsdp"] > 1 else stacked // pb * cb
 
     def rollout(prompts: int, samples: int, copy: int = 0) -> tuple[int, int]:
         p = -(-bucket(prompts, 1) // d)  # prompt rows per device, padded as rollout.generate pads them

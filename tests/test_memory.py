@@ -55,9 +55,9 @@ def test_tiny_estimate_by_hand():
     # forward(T, keys) = T*(2*E*cb + max(N*keys*(8+cb), 3*F*cb)); forward(4, 4) = 4*(32 + max(2*4*10, 72)) = 448
     # prefill: the 2 prompt rows' cache twice 2*2*4*32 = 512 + 2 * (forward(4, 4) + last logits V*cb = 32) = 960,
     #   + the scan's slice of one layer 512*4 = 2048: 3520
-    # rollout work: layer slices 1024*4 = 4096 + max(prefill - KV 3520 - 640 = 2880,
+    # rollout work: layer slices in cb (Decoder.split_layers) 1024*2 = 2048 + max(prefill - KV 3520 - 640 = 2880,
     #   sampling 4 buffers * 4 rows * V=16 * 4 bytes = 1024)
-    assert est.rollout_work == 4096 + 2880
+    assert est.rollout_work == 2048 + 2880
     # reference, b = 4 sequences / 2 micro-batches = 2 rows, S = 8, C = 4: head 8*16*2 = 256
     #   + max(2 * forward(8, 8) = 2 * 8*(32 + 160) = 3072, 2 * (hidden 2*8*8*2 = 256 + chunk logits 4*16*4 = 256))
     assert est.reference_logprobs == 256 + 3072
@@ -68,7 +68,7 @@ def test_tiny_estimate_by_hand():
     # a layer's backward: cotangents 2*8*2*(2*12 + 8) = 1024 + its values 2*4096 = 8192;
     # head: 2*(2 chunks 2*4*16*4 + hidden 2*8*8*2) + head and gradient copy 8*16*(2+4) = 1536 + 768 = 2304
     assert est.activations == 1024 + max(1024 + 8192, 2304)
-    assert est.phases == {"rollout": 640 + 6976, "reference": 3328, "train": 9280 + 10240}
+    assert est.phases == {"rollout": 640 + 4928, "reference": 3328, "train": 9280 + 10240}
     assert est.total == (4640 + 9280 + 4640) + (9280 + 10240)
 
 
@@ -96,9 +96,10 @@ def test_remat_beta_and_mesh_change_the_right_parts():
     # embed [16, 8/2] = 64, final norm 8; per layer norms 8+8, q 32, k 16, v 16, o 32, biases 8+4+4, MLP 3*48 = 272
     assert fsdp.params == (64 + 8 + 2 * 272) * 4
     assert fsdp.kv_cache == 32 * (4 + 2 * 3)  # one prompt and its 2 samples per device
-    # decode holds every param gathered over fsdp (4640) and the [E, V] head (8*16*4); one prompt row:
+    # decode holds every param gathered over fsdp, the layers in cb (1024*2 = 2048) and the rest in pb (embedding
+    #   and final norm 136*4 = 544), and the [E, V] head in cb (8*16*2 = 256); one prompt row:
     #   max(prefill 2*4*32 + (448 + 32) + one layer gathered 2048 - KV 320 = 2464, sampling 4*2*16*4 = 512)
-    assert fsdp.rollout_work == 4640 + 512 + 2464
+    assert fsdp.rollout_work == 2048 + 544 + 256 + 2464
     # reference: 1 row per micro-batch and device; one layer gathered 512*4 = 2048; max(forward(8, 8) 1536, 256 + 256)
     assert fsdp.reference_logprobs == 256 + 2048 + 1536
     # an eval rollout of 8 greedy prompts is larger than the training one (2 prompts x 2 samples)
