@@ -158,6 +158,7 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     ``eval_rollouts`` = (prompts, samples) of each eval generate call; ``xla_cpu``: XLA:CPU's float32 copies too."""
     pb, cb, d, t = BYTES[cfg.param_dtype], BYTES[cfg.dtype], sizes["data"] * sizes["fsdp"], sizes["tensor"]
     L, E, H, V = cfg.num_layers, cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    tensor_only = {"data": 1, "fsdp": 1, "tensor": t}  # a param gathered over fsdp
     Nt, Kt, Ft, Vt = (x // t if x % t == 0 else x for x in (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, V))
     S, B = prompt_len + max_new_tokens, batch_prompts * group_size
     if B % micro_batches or (B // micro_batches) % d:
@@ -176,14 +177,10 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     shapes = param_shapes(cfg)
     params = sum(shard_numel(a, s, sizes) for a, s in shapes) * pb
     stacked = sum(shard_numel(a, s, sizes) for a, s in shapes if a[0] == "layers") * pb
-    tensor_only = {"data": 1, "fsdp": 1, "tensor": t}  # a param gathered over fsdp
     layer_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] == "layers") // L
     gathered = layer_t * pb if sizes["fsdp"] > 1 else 0  # one layer's weights all-gathered over fsdp
-    # decode's weights: the layer slices, in cb (Decoder.split_layers); with fsdp > 1 XLA hoists every
-    # loop-invariant all-gather out of the loop: each layer's and the embedding (pb), and the head (cb, gather_fsdp)
-    layers_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] == "layers")
-    rest_t = sum(shard_numel(a, s, tensor_only) for a, s in shapes if a[0] != "layers")
-    decode_w = layers_t * cb + rest_t * pb + E * Vt * cb if sizes["fsdp"] > 1 else stacked // pb * cb
+    decode_w = (sum(shard_numel(a, s, tensor_only) * (cb if a[0] == "layers" else pb) for a, s in shapes)
+                + E * Vt * cb if sizes["fsdp"] > 1 else stacked // pb * cb)  # decode's weights (docstring)
 
     def rollout(prompts: int, samples: int, copy: int = 0) -> tuple[int, int]:
         p = -(-bucket(prompts, 1) // d)  # prompt rows per device, padded as rollout.generate pads them
@@ -200,9 +197,8 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, sum(blocks)))
     lora = cfg.lora is not None  # the base is frozen: no gradient of a gathered layer or of the head
     layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + (2 - lora) * gathered
-    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb * (not lora))
-    if xla_cpu and cb < 4:  # the head's float32 copy for XLA:CPU's float32 matmul (module docstring)
-        head += E * Vt * (4 if lora else 4 - cb)
+    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb * (not lora)  # + XLA:CPU's float32 copy
+                                                             + (4 - cb * (not lora)) * (xla_cpu and cb < 4))
     adapters = sum(shard_numel(a, s, sizes) for a, s in adapter_shapes(cfg)) * 4  # float32
     trained = adapters if lora else params
     return MemoryEstimate(
