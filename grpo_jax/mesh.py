@@ -94,7 +94,7 @@ def constrain_batch(x: jax.Array, like: jax.Array) -> jax.Array:
     mesh = jax.typeof(like).sharding.mesh
     if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
         return x
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_size_multiple(mesh)
     if shards == 1 or x.shape[0] % shards:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(("batch",))))

@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.mesh import constrain_batch
 from grpo_jax.models.cache import GroupKVCache
 from grpo_jax.models.heads import CausalLM
 from grpo_jax.models.rope import inv_frequencies, rope_tables
-from grpo_jax.models.transformer import decoder_layer, rms_norm
+from grpo_jax.models.transformer import decoder_layer, embed_tokens, rms_norm
 
 
 def group_attention(q_BxNxH, prompt_k_PxKxLxH, prompt_v_PxKxLxH, prompt_mask_PxL, k_blocks, v_blocks,
@@ -65,8 +64,7 @@ def decode_step(model: CausalLM, layers: tuple[nnx.State, ...], token_B: jax.Arr
     cfg = model.config
     graphdef, _ = nnx.split(model.model.layers)
     cos, sin = rope_tables(cache.positions_B[:, None], inv_frequencies(cfg), cfg.compute_dtype)
-    embed = model.model.embed[...]
-    x_Bx1xE = constrain_batch(jnp.take(embed, token_B[:, None], axis=0).astype(cfg.compute_dtype), embed)
+    x_Bx1xE = embed_tokens(cfg, model.model.embed, token_B[:, None])
     k_blocks, v_blocks, index = list(cache.k_blocks), list(cache.v_blocks), cache.index
     at = (0, 0, index - (cache.slots - k_blocks[0][-1].shape[2]), 0)  # the slot within the last block
     for i in range(cfg.num_layers):
@@ -80,7 +78,6 @@ def decode_step(model: CausalLM, layers: tuple[nnx.State, ...], token_B: jax.Arr
             return out_BxNxH[:, None]
 
         x_Bx1xE = decoder_layer(cfg, nnx.merge(graphdef, layers[i]), x_Bx1xE, cos, sin, attention)
-        x_Bx1xE = constrain_batch(x_Bx1xE, embed)
     hidden_BxE = rms_norm(x_Bx1xE[:, 0], model.model.norm, cfg.rms_norm_eps)
     new_cache = cache.replace(k_blocks=tuple(k_blocks), v_blocks=tuple(v_blocks), index=index + 1)
     return model.logits(hidden_BxE), new_cache

@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from grpo_jax.mesh import constrain_batch
 from grpo_jax.models.logprobs import gathered_logprobs
 from grpo_jax.models.rope import inv_frequencies, rope_tables
-from grpo_jax.models.transformer import decoder_layer, rms_norm
+from grpo_jax.models.transformer import decoder_layer, embed_tokens, rms_norm
 
 
 class Plan(struct.PyTreeNode):
@@ -85,14 +84,12 @@ def packed_hidden(decoder, tokens_RxL, positions_RxL, segment_RxL, branch_RxL, w
     unroll settings) with ``chunked_attention`` (``window`` = its C, g, w) and the plan's positions."""
     cfg = decoder.config
     cos, sin = rope_tables(positions_RxL, inv_frequencies(cfg), cfg.compute_dtype)
-    embed = decoder.embed[...]
-    x_RxLxE = constrain_batch(jnp.take(embed, tokens_RxL, axis=0).astype(cfg.compute_dtype), embed)
+    x_RxLxE = embed_tokens(cfg, decoder.embed, tokens_RxL)
     attention = chunked_attention(segment_RxL, branch_RxL, *window)
     graphdef, stack = nnx.split(decoder.layers)
 
     def body(x, layer_state):
-        x = decoder_layer(cfg, nnx.merge(graphdef, layer_state), x, cos, sin, attention)
-        return constrain_batch(x, embed), None
+        return decoder_layer(cfg, nnx.merge(graphdef, layer_state), x, cos, sin, attention), None
 
     body = jax.checkpoint(body) if cfg.remat else body
     x_RxLxE, _ = jax.lax.scan(body, x_RxLxE, stack, unroll=1 if cfg.scan_layers else cfg.num_layers)

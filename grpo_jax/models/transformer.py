@@ -141,7 +141,14 @@ def decoder_layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, attention)
     h = rms_norm(x_BxTxE, p.mlp_norm, cfg.rms_norm_eps)
     gated = (jax.nn.silu(_dense(h, p.gate, 1, p.gate_bias, adapter(cfg, p, "gate")))
              * _dense(h, p.up, 1, p.up_bias, adapter(cfg, p, "up")))
-    return x_BxTxE + _dense(gated, p.down, 1, p.down_bias, adapter(cfg, p, "down"))
+    # activations stay split over the batch (and whole along E) however the params are split
+    return constrain_batch(x_BxTxE + _dense(gated, p.down, 1, p.down_bias, adapter(cfg, p, "down")), p.attn_norm[...])
+
+
+def embed_tokens(cfg: ModelConfig, embed: nnx.Param, tokens):
+    """The tokens' embeddings in the compute dtype, split over the batch like every layer's output."""
+    w = embed[...]
+    return constrain_batch(jnp.take(w, tokens, axis=0).astype(cfg.compute_dtype), w)
 
 
 def cached_attention(kv_write, key_mask_BxS, offset):
@@ -191,17 +198,13 @@ class Decoder(nnx.Module):
             start_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths_B
             positions_BxT = start_B[:, None] + jnp.maximum(jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1, 0)
         cos, sin = rope_tables(positions_BxT, inv_frequencies(cfg), cfg.compute_dtype)
-        # activations stay split over the batch (and whole along E) however the params are split (fsdp gathers
-        # each layer's weights instead)
-        embed = self.embed[...]
-        x_BxTxE = constrain_batch(jnp.take(embed, tokens_BxT, axis=0).astype(cfg.compute_dtype), embed)
+        x_BxTxE = embed_tokens(cfg, self.embed, tokens_BxT)
         graphdef, stack = nnx.split(self.layers)
 
         if cache is None:
             def body(x, layer_state):
                 p = nnx.merge(graphdef, layer_state)
-                x = decoder_layer(cfg, p, x, cos, sin, causal_attention(mask_BxT, cfg.attention_block))
-                return constrain_batch(x, embed), None
+                return decoder_layer(cfg, p, x, cos, sin, causal_attention(mask_BxT, cfg.attention_block)), None
 
             body = jax.checkpoint(body) if cfg.remat else body
             x_BxTxE, _ = jax.lax.scan(body, x_BxTxE, stack, unroll=1 if cfg.scan_layers else cfg.num_layers)
@@ -211,13 +214,13 @@ class Decoder(nnx.Module):
         key_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
         if T == 1:
             layers = self.split_layers() if layers is None else layers
-            x_BxTxE, ks, vs = self._decode_layers(x_BxTxE, graphdef, layers, cos, sin, cache, key_mask_BxS, embed)
+            x_BxTxE, ks, vs = self._decode_layers(x_BxTxE, graphdef, layers, cos, sin, cache, key_mask_BxS)
         else:
-            x_BxTxE, ks, vs = self._prefill_layers(x_BxTxE, graphdef, stack, cos, sin, cache, key_mask_BxS, embed)
+            x_BxTxE, ks, vs = self._prefill_layers(x_BxTxE, graphdef, stack, cos, sin, cache, key_mask_BxS)
         new_cache = KVCache(k_BxKxSxH=ks, v_BxKxSxH=vs, mask_BxS=key_mask_BxS, index=index + T)
         return rms_norm(x_BxTxE, self.norm, cfg.rms_norm_eps), new_cache
 
-    def _decode_layers(self, x_BxTxE, graphdef, layers, cos, sin, cache: KVCache, key_mask_BxS, embed):
+    def _decode_layers(self, x_BxTxE, graphdef, layers, cos, sin, cache: KVCache, key_mask_BxS):
         """One new token per row: the layers unrolled in Python, each writing its own cache buffer in place.
         ``layers``: ``split_layers()``, made once outside a decode loop (inside it, XLA would copy every layer's
         weight slice on every step). Returns (x, keys, values)."""
@@ -232,10 +235,9 @@ class Decoder(nnx.Module):
                 return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
 
             x_BxTxE = decoder_layer(self.config, p, x_BxTxE, cos, sin, cached_attention(kv_write, key_mask_BxS, index))
-            x_BxTxE = constrain_batch(x_BxTxE, embed)
         return x_BxTxE, tuple(ks), tuple(vs)
 
-    def _prefill_layers(self, x_BxTxE, graphdef, stack, cos, sin, cache: KVCache, key_mask_BxS, embed):
+    def _prefill_layers(self, x_BxTxE, graphdef, stack, cos, sin, cache: KVCache, key_mask_BxS):
         """Several new tokens per row (the prompt): a scan over the stacked layers (compile time independent of
         depth) on a stacked copy of the cache, split back into per-layer buffers. Returns (x, keys, values)."""
         cfg, index = self.config, cache.index
@@ -254,7 +256,7 @@ class Decoder(nnx.Module):
                 return k_all[i].astype(k.dtype), v_all[i].astype(v.dtype)
 
             x = decoder_layer(cfg, p, x, cos, sin, cached_attention(kv_write, key_mask_BxS, index))
-            return (constrain_batch(x, embed), k_all, v_all), None
+            return (x, k_all, v_all), None
 
         body_cached = jax.checkpoint(body_cached) if cfg.remat else body_cached
         carry = (x_BxTxE, jnp.stack(cache.k_BxKxSxH), jnp.stack(cache.v_BxKxSxH))
