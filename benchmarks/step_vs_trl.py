@@ -14,10 +14,11 @@ shape: 64-token prompts, G 16, 128 new tokens. Random weights rarely emit EOS, s
 length on both sides.
 
 Each side runs in its own process (torch's and XLA's CPU thread pools slow each other down in one process), one
-process per round, sides alternating; warm-up steps (compilation) are excluded. A step is wall time from before
-generation to after the optimizer update, as TRL's ``on_step_begin``..``on_step_end``. Ours also prints the phase
-split and the update's time against the reference forward of the same batch (a model's forward + backward + AdamW
-is ~3-4x its forward).
+process per round, sides alternating, both with the glibc tunable the ``grpo-jax`` command starts with
+(``grpo_jax.start``: transparent huge pages for large allocations); warm-up steps (compilation) are excluded. A step
+is wall time from before generation to after the optimizer update, as TRL's ``on_step_begin``..``on_step_end``. Ours
+also prints the phase split and the update's time against the reference forward of the same batch (a model's
+forward + backward + AdamW is ~3-4x its forward).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from grpo_jax.start import with_huge_pages
 
 SHAPES = {  # prompt tokens, G, new tokens, prompts per step
     "standard": dict(prompt_len=6, group=8, new_tokens=32, prompts=8),
@@ -183,8 +186,8 @@ def side(name: str, folder: str, shape_name: str, warmup: int, steps: int, overr
     """One side's worker in a fresh process; its JSON result."""
     cmd = [sys.executable, __file__, "--worker", name, "--folder", folder, "--shape", shape_name,
            "--warmup", str(warmup), "--steps", str(steps)] + [a for o in overrides for a in ("--set", o)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               WANDB_DISABLED="true", TOKENIZERS_PARALLELISM="false")
+    env = with_huge_pages(os.environ) | dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                                             WANDB_DISABLED="true", TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)  # one CPU device, as TRL's one process
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:

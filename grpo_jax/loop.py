@@ -15,7 +15,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -30,6 +29,7 @@ from grpo_jax.multihost import is_primary, to_host
 from grpo_jax.perf import step_throughput
 from grpo_jax.pipeline import RolloutPipeline, sampler_slots
 from grpo_jax.run import Run, build_run, cost_metrics
+from grpo_jax.run_setup import frozen_copy
 from grpo_jax.run_state import RunState
 from grpo_jax.tracking import compile_count, device_memory
 from grpo_jax.train_step import Batch
@@ -106,7 +106,7 @@ def update(run: Run, rs: RunState, batch: Batch, step: int) -> tuple[RunState, d
             f"update was refused and the run stopped. The last good checkpoint is intact in {run.ckpt.directory}")
     ref = rs.ref_params
     if run.refresh_ref and (step + 1) % run.cfg.train.ref_refresh_every == 0:
-        ref = jax.tree.map(jnp.copy, train.params)  # the next step donates the params
+        ref = frozen_copy(train.params, run.cfg.model.dtype)
     return dataclasses.replace(rs, train=train, ref_params=ref), metrics
 
 

@@ -30,9 +30,10 @@ C = train.logprob_chunk; p = prompt rows per device (the bucketed prompt count /
 
 Resident all run: params (each param's shards as ``mesh.param_sharding`` places them) x pb; AdamW's two moments
 (optax keeps them in the params' dtype): 2 x params, or with ``model.master_weights`` the float32 master copy and
-float32 moments: 3 x 4 bytes per param; the frozen reference (a copy of the policy) when beta > 0. With LoRA
-(``model.lora``) the float32 adapters join the params and only they have moments and gradients (the frozen base has
-none: no gradient of a gathered layer or of the head either); the reference is the base itself (0 bytes); the
+float32 moments: 3 x 4 bytes per param; the frozen reference when beta > 0: a copy of the policy in rb = min(pb, cb)
+bytes (``run_setup.frozen_copy``). With LoRA (``model.lora``) the float32 adapters join the params and only they
+have moments and gradients (the frozen base has none: no gradient of a gathered layer or of the head either); the
+reference is the base itself (0 bytes); the
 training rollout (``rollout.merge_lora``) samples from a merged copy of the base weights: params again.
 Then one phase at a time; the peak is resident + the largest phase:
   rollout    decode's weights (each layer's slice in cb, made once before the loop: the layer params again; with
@@ -46,7 +47,7 @@ Then one phase at a time; the peak is resident + the largest phase:
              row, 2*L*Kt*H*(max_new_tokens - 1)*cb. The largest of the training rollout and the eval rollouts (greedy,
              and pass@k samples).
   reference  one micro-batch at a time (b rows: run_setup.logprob_fn): the head [E, Vt] in cb, one layer's weights
-             gathered over fsdp (layer params / t x pb, fsdp > 1), and the larger of a layer's forward
+             gathered over fsdp (layer params / t x rb, fsdp > 1), and the larger of a layer's forward
              b*forward(S, Σ blocks) and the head's: hidden states and their chunked copy 2*b*S*E*cb and one chunk of
              float32 logits b*C*Vt*4.
   train      gradients (pb; twice with micro_batches > 1: the accumulator and this micro-batch's), each layer's saved
@@ -203,9 +204,9 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     trained = adapters if lora else params
     return MemoryEstimate(
         params=params + adapters, optimizer=3 * trained * 4 // pb if master_weights else 2 * trained,
-        reference=params if beta > 0 and not lora else 0,
+        reference=params * min(pb, cb) // pb if beta > 0 and not lora else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
-        reference_logprobs=(E * Vt * cb + gathered + max(b * forward(S, sum(blocks), score_bytes),
+        reference_logprobs=(E * Vt * cb + gathered * min(pb, cb) // pb + max(b * forward(S, sum(blocks), score_bytes),
                                                          b * (2 * S * E * cb + C * Vt * 4))) * (beta > 0),
         gradients=trained * (2 if micro_batches > 1 else 1),
         activations=saved + max(layer, head),

@@ -90,14 +90,29 @@ def export_hf(model: CausalLM, folder, tokenizer=None) -> None:
     sync("export_hf")
 
 
+def frozen_copy(params: nnx.State, compute_dtype: str) -> nnx.State:
+    """A copy of ``params`` for the frozen reference, each float array in ``compute_dtype`` where that is narrower.
+    Every use of a param casts it to the compute dtype first (``transformer._dense``, ``rms_norm``, ``embed_tokens``,
+    ``lm_head_ExV``), so the reference's log-probs are bit-identical and, with bfloat16 compute on float32 params,
+    it takes half the bytes. A copy in any case: the train step donates the policy's buffers."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def one(w):
+        narrower = jnp.issubdtype(w.dtype, jnp.floating) and jnp.dtype(w.dtype).itemsize > dtype.itemsize
+        return w.astype(dtype) if narrower else jnp.copy(w)
+
+    return jax.tree.map(one, params)
+
+
 def load_reference(cfg: ExperimentConfig, policy: tuple[nnx.GraphDef, nnx.State],
                    mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """Frozen reference (graphdef, params): ``model.ref_path``, or a copy of the initial policy (a copy, because the
-    train step donates the policy's buffers and updates them in place)."""
+    """Frozen reference (graphdef, params in the compute dtype: ``frozen_copy``): ``model.ref_path``, or a copy of the
+    initial policy."""
     if cfg.model.ref_path is None:
         graphdef, params = policy
-        return graphdef, jax.tree.map(jnp.copy, params)
-    return nnx.split(load_model(cfg.model.ref_path, cfg, mesh))
+        return graphdef, frozen_copy(params, cfg.model.dtype)
+    graphdef, params = nnx.split(load_model(cfg.model.ref_path, cfg, mesh))
+    return graphdef, frozen_copy(params, cfg.model.dtype)
 
 
 def logprob_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int, micro_batches: int = 1,

@@ -1,6 +1,8 @@
 """Mixed precision: bfloat16 compute on float32 master weights. At lr 1e-6 an AdamW update moves each weight by
 ~1e-6, far below bfloat16's resolution (2^-8 relative: ~4e-4 for a weight of 0.1), so bfloat16-stored params
 without a master copy do not move at all, and the config refuses them unless that is asked for explicitly."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,23 @@ def test_bf16_params_need_an_explicit_choice_of_master_weights():
         experiment(master_weights=True)
     assert experiment(param_dtype="bfloat16", master_weights=True).model.master_weights
     assert experiment(param_dtype="bfloat16", master_weights=False).model.master_weights is False
+
+
+def test_frozen_reference_in_the_compute_dtype_gives_the_same_logprobs_at_half_the_bytes():
+    """bfloat16 compute on float32 params: every use casts a param to bfloat16 first, so a reference stored in
+    bfloat16 (``run_setup.frozen_copy``) gives bit-identical log-probs and holds half the bytes; with float32 compute
+    it stays float32."""
+    from grpo_jax.run_setup import frozen_copy, logprob_fn
+
+    cfg = dataclasses.replace(tiny("float32"), dtype="bfloat16")
+    graphdef, params = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)))
+    ref = frozen_copy(params, cfg.dtype)
+    assert {x.dtype for x in jax.tree.leaves(ref)} == {jnp.dtype(jnp.bfloat16)}
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    assert 2 * nbytes(ref) == nbytes(params)
+    b = batch()
+    logps = logprob_fn(graphdef, temperature=1.0, chunk_size=8)
+    np.testing.assert_array_equal(np.asarray(logps(ref, b.tokens_BxS, b.attn_mask_BxS)),
+                                  np.asarray(logps(params, b.tokens_BxS, b.attn_mask_BxS)))
+    kept = frozen_copy(params, "float32")
+    assert all(k.dtype == jnp.float32 and k is not p for k, p in zip(jax.tree.leaves(kept), jax.tree.leaves(params)))
