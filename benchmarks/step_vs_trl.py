@@ -3,6 +3,7 @@
     pip install -e '.[bench]'                       # TRL and torch (CPU) for the anchor
     python benchmarks/step_vs_trl.py                # standard + long shape, 2 rounds, 5 measured steps per side
     python benchmarks/step_vs_trl.py --shape standard --rounds 3 --steps 8
+    python benchmarks/step_vs_trl.py --devices 2    # grpo_jax data parallel over 2 host devices (the CPU's cores)
     python benchmarks/step_vs_trl.py --tiny         # seconds-long smoke run (tests/test_benchmarks.py)
 
 The workload (the standard one of ``shared/perf/workload.md``): a random Qwen2 (vocab 512, E 128, F 384, 4 layers,
@@ -118,7 +119,7 @@ def trl_worker(folder: str, shape: dict, warmup: int, steps: int) -> dict:
     return {"step_s": step_s[warmup:], "rollout_s": gen_s[warmup:]}
 
 
-def jax_config(folder: str, shape: dict, total_steps: int) -> dict:
+def jax_config(folder: str, shape: dict, total_steps: int, devices: int = 1) -> dict:
     """The same workload as an experiment config (``grpo-jax train`` would run it as well)."""
     return {
         "seed": 0,
@@ -132,13 +133,14 @@ def jax_config(folder: str, shape: dict, total_steps: int) -> dict:
         "optim": {"lr": LR, "max_grad_norm": 1.0},
         "eval": {"num_examples": 0},
         "checkpoint": {"every": 10**6, "export_hf": False, "async_save": False},
-        "mesh": {"num_devices": 1},
+        "mesh": {"data": devices, "num_devices": devices},
     }
 
 
 def jax_worker(folder: str, shape: dict, warmup: int, steps: int, overrides: list[str]) -> dict:
-    """grpo_jax's own loop stages (``train_one_step``: rollout, rewards, reference, update) on one device; then the
-    reference forward and the update alone on the last step's batch, alternating."""
+    """grpo_jax's own loop stages (``train_one_step``: rollout, rewards, reference, update) on the process's CPU
+    devices (``mesh.data`` over all of them); then the reference forward and the update alone on the last step's
+    batch, alternating."""
     import jax
     import yaml
 
@@ -149,7 +151,7 @@ def jax_worker(folder: str, shape: dict, warmup: int, steps: int, overrides: lis
 
     run_dir = tempfile.mkdtemp()
     with open(os.path.join(run_dir, "bench.yaml"), "w") as f:
-        yaml.safe_dump(jax_config(folder, shape, warmup + steps), f)
+        yaml.safe_dump(jax_config(folder, shape, warmup + steps, jax.device_count()), f)
     cfg = load_experiment(os.path.join(run_dir, "bench.yaml"), overrides)
     run, rs, _ = build_run(cfg, os.path.join(run_dir, "run"))
     phases = {k: [] for k in ("step_s", "rollout_s", "reward_s", "prep_s", "train_s")}
@@ -182,13 +184,16 @@ def jax_worker(folder: str, shape: dict, warmup: int, steps: int, overrides: lis
     return phases | {"ref_forward_s": ref_s, "update_s": update_s, "recompiles": recompiles}
 
 
-def side(name: str, folder: str, shape_name: str, warmup: int, steps: int, overrides: list[str]) -> dict:
-    """One side's worker in a fresh process; its JSON result."""
+def side(name: str, folder: str, shape_name: str, warmup: int, steps: int, overrides: list[str],
+         devices: int = 1) -> dict:
+    """One side's worker in a fresh process (grpo_jax's on ``devices`` CPU devices); its JSON result."""
     cmd = [sys.executable, __file__, "--worker", name, "--folder", folder, "--shape", shape_name,
            "--warmup", str(warmup), "--steps", str(steps)] + [a for o in overrides for a in ("--set", o)]
     env = with_huge_pages(os.environ) | dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                                              WANDB_DISABLED="true", TOKENIZERS_PARALLELISM="false")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as TRL's one process
+    env.pop("XLA_FLAGS", None)
+    if name == "jax" and devices > 1:  # data parallel over the CPU's cores, each host device one thread of work
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -199,18 +204,19 @@ def summary(times: list[float]) -> dict:
     return {"min": min(times), "median": statistics.median(times)}
 
 
-def compare(shape_name: str, rounds: int, warmup: int, steps: int, overrides: list[str]) -> dict:
+def compare(shape_name: str, rounds: int, warmup: int, steps: int, overrides: list[str], devices: int = 1) -> dict:
     shape = SHAPES[shape_name]
     folder = tempfile.mkdtemp(prefix=f"grpo-bench-{shape_name}-")
     build_folder(folder, shape)
     runs = {"trl": [], "jax": []}
     for r in range(rounds):
         for name in (("trl", "jax") if r % 2 == 0 else ("jax", "trl")):
-            runs[name].append(side(name, folder, shape_name, warmup, steps, overrides))
+            runs[name].append(side(name, folder, shape_name, warmup, steps, overrides, devices))
     merged = {name: {k: [x for run in rs for x in run[k]] for k in rs[0] if isinstance(rs[0][k], list)}
               for name, rs in runs.items()}
     trl, ours = merged["trl"], merged["jax"]
     result = {"shape": shape_name, **shape, "rounds": rounds, "steps_per_round": steps, "overrides": overrides,
+              "devices": devices,
               "trl": {k: summary(v) for k, v in trl.items()}, "grpo_jax": {k: summary(v) for k, v in ours.items()},
               "recompiles_after_warmup": [run["recompiles"] for run in runs["jax"]]}
     result["speedup_median"] = result["trl"]["step_s"]["median"] / result["grpo_jax"]["step_s"]["median"]
@@ -226,7 +232,8 @@ def show(r: dict) -> None:
           f"{r['new_tokens']} new tokens; {r['rounds']} rounds x {r['steps_per_round']} steps per side")
     print(f"  TRL      step {t['step_s']['median']:.3f} s median ({t['step_s']['min']:.3f} min); "
           f"generate {t['rollout_s']['median']:.3f}")
-    print(f"  grpo_jax step {j['step_s']['median']:.3f} s median ({j['step_s']['min']:.3f} min); "
+    print(f"  grpo_jax step {j['step_s']['median']:.3f} s median ({j['step_s']['min']:.3f} min), {r['devices']} CPU "
+          f"device(s); "
           + ", ".join(f"{k[:-2]} {j[k]['median']:.3f}" for k in ("rollout_s", "reward_s", "prep_s", "train_s")))
     print(f"  speed-up (TRL s / ours s): {r['speedup_median']:.2f}x median, {r['speedup_min']:.2f}x min")
     print(f"  update {j['update_s']['median'] * 1e3:.1f} ms = {r['update_over_ref_forward']:.2f}x the reference "
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--set", action="append", default=[],
                     help="an override of grpo_jax's config, e.g. train.log_entropy=false (repeatable)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="grpo_jax's CPU devices (host devices, mesh.data over them; TRL always uses its 2 threads)")
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--worker", choices=["trl", "jax"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -252,10 +261,10 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         print(json.dumps(result))
         return None
     if args.tiny:
-        results = [compare("tiny", 1, 1, 1, args.set)]
+        results = [compare("tiny", 1, 1, 1, args.set, args.devices)]
     else:
         shapes = ["standard", "long"] if args.shape == "both" else [args.shape]
-        results = [compare(s, args.rounds, args.warmup, args.steps, args.set) for s in shapes]
+        results = [compare(s, args.rounds, args.warmup, args.steps, args.set, args.devices) for s in shapes]
     for r in results:
         show(r)
     print(json.dumps({"benchmark": "step_vs_trl", "device": "cpu", "results": results}))

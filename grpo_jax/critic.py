@@ -92,7 +92,8 @@ def token_values(policy: CausalLM, hidden_BxTxE: jax.Array, mask_BxT: jax.Array)
 def logprobs_and_values(policy: CausalLM, tokens_BxT, mask_BxT, *, temperature, return_entropy: bool, chunk_size: int):
     """(logps_BxT, entropy_BxT or None, values_BxT) from one decoder pass (two with a separate critic)."""
     hidden_BxTxE = policy.hidden_states(tokens_BxT, None, mask_BxT)
-    out = logprobs_from_hidden(hidden_BxTxE, tokens_BxT, jnp.asarray(mask_BxT).astype(bool), policy.lm_head_ExV(),
+    head_ExV = policy.lm_head_ExV(for_logprobs=True)
+    out = logprobs_from_hidden(hidden_BxTxE, tokens_BxT, jnp.asarray(mask_BxT).astype(bool), head_ExV,
                                temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
     logps, entropy = out if return_entropy else (out, None)
     return logps, entropy, critic_values(policy, tokens_BxT, mask_BxT, hidden_BxTxE)

@@ -14,14 +14,13 @@ formulas, 38% in the sampler), so bf16 is checked only through the dtype terms; 
 (head_dim 64: the KV cache) to 128 lanes; the runtime's reserve.
 
 Sharding as mesh.py sets it: params and AdamW moments placed by LOGICAL_AXIS_RULES (``init_train_state``),
-activations split over the batch axes (``mesh.constrain_batch`` on each layer's output and each head chunk: left to
-itself, with fsdp > 1 XLA split them along E and gathered the whole batch's float32 logits on every device), the
-output head gathered over fsdp once, in the compute dtype, for the forward and the backward (``mesh.gather_fsdp``:
-left to itself XLA gathered it in float32 once for each). fsdp = 4, 8 and tensor = 2, 4, 8 meshes came within 16%.
-``xla_cpu=True`` adds what XLA:CPU holds beyond these formulas with bf16 compute, measured on fsdp = 8 (the
-full-size smoke run, benchmarks/smoke_real.py): it runs a bf16 matmul in float32, so the gathered head has a float32
-copy [E, Vt] beside the bf16 one in the train step; with full fine-tuning the bf16 one is dead by the head's
-backward, where the head's float32 gradient lives ((4 - cb) x E x Vt more), with LoRA it is not (4 x E x Vt).
+activations split over the batch axes (``mesh.constrain_batch`` on each layer's output: left to itself, with
+fsdp > 1 XLA split them along E and gathered the whole batch's float32 logits on every device); for token log-probs
+the output head's vocab split over fsdp (``mesh.split_vocab``; f = fsdp where fsdp x t divides V, else 1), each
+chunk's hidden states gathered over fsdp instead; for decode's logits the head gathered once in cb
+(``mesh.gather_fsdp``). fsdp = 4, 8 and tensor = 2, 4, 8 meshes came within 16%. ``xla_cpu=True`` adds what XLA:CPU
+holds beyond these formulas with bf16 compute (measured on fsdp = 8): it runs a bf16 matmul in float32, so the
+head has a float32 copy beside the bf16 one (``_logprob_head``).
 
 Notation: L layers, E hidden, F MLP, N heads, K kv heads, H head_dim, V vocab; pb / cb bytes of param_dtype / compute
 dtype; d = mesh data*fsdp (batch shards), t = tensor (N, K, F, V are divided by t where divisible: Nt, Kt, Ft, Vt);
@@ -46,10 +45,10 @@ Then one phase at a time; the peak is resident + the largest phase:
              max_new_tokens - 1 completion slots per sample
              row, 2*L*Kt*H*(max_new_tokens - 1)*cb. The largest of the training rollout and the eval rollouts (greedy,
              and pass@k samples).
-  reference  one micro-batch at a time (b rows: run_setup.logprob_fn): the head [E, Vt] in cb, one layer's weights
+  reference  one micro-batch at a time (b rows: run_setup.logprob_fn): the head [E, Vt/f] in cb, one layer's weights
              gathered over fsdp (layer params / t x rb, fsdp > 1), and the larger of a layer's forward
-             b*forward(S, Σ blocks) and the head's: hidden states and their chunked copy 2*b*S*E*cb and one chunk of
-             float32 logits b*C*Vt*4.
+             b*forward(S, Σ blocks) and the head's: hidden states and their chunked copy 2*b*S*E*cb, one chunk of
+             float32 logits b*C*Vt*4 and (f > 1) its hidden states gathered b*f*C*E*cb.
   train      gradients (pb; twice with micro_batches > 1: the accumulator and this micro-batch's), each layer's saved
              values (remat: its input L*b*S*E*cb; without: L*b*values(S, Σ blocks)), twice with exactly 2 micro-batches
              (the scan over the second has one step, XLA inlines it and the two overlap), and the larger of
@@ -57,8 +56,8 @@ Then one phase at a time; the peak is resident + the largest phase:
                and with fsdp > 1 its weights gathered and their gradient (2 x layer params / t x pb);
              the head's backward, one chunk: two float32 [b, C, Vt] (logits and their gradient; the head is one 2-D
                matmul [b*C, E] @ [E, Vt], whose weight gradient needs no transposed copy -- never [B, S, V], see
-               models/logprobs.py), the hidden states and their chunked copy 2*b*S*E*cb, the head [E, Vt] in cb and a
-               second copy of its gradient in pb.
+               models/logprobs.py), the hidden states and their chunked copy 2*b*S*E*cb (and gathered, f > 1), the
+               head [E, Vt/f] in cb and its gradient in pb (``_logprob_head``).
   values(T, pairs) per row = Nt*pairs*(9 + cb) + T*(cb*(6*Ft + 2*Nt*H + 2*Kt*H + 5*E) + [cb < 4]*8*E): what JAX
              saves of a layer for its backward (``jax.ad_checkpoint.print_saved_residuals``): the masked float32 scores
              and their exp, the probabilities in cb and the bool mask of every query block (``pairs`` = the sum of
@@ -151,6 +150,20 @@ def score_blocks(S: int, block: int | None) -> list[int]:
     return [min(b, S - s) * min(s + b, S) for s in range(0, S, b)]
 
 
+def _logprob_head(sizes: dict[str, int], E: int, V: int, Vt: int, pb: int, cb: int, rows: int, lora: bool,
+                  xla_cpu: bool) -> tuple[int, int]:
+    """Bytes of the log-prob head's weights (train step, reference pass): the head in cb and, trained, its gradient
+    in pb, and XLA:CPU's float32 copies (``xla_cpu``); with the vocab split over f > 1 fsdp devices
+    (``mesh.split_vocab``) each is 1/f, plus a chunk's ``rows`` hidden states gathered over fsdp and the reshards
+    from the param's split: the param's shard and its cast, and trained, the gradient's transposed copy and its
+    reshard back (measured on XLA:CPU, E 256, V 32k, fsdp 8)."""
+    f = sizes["fsdp"] if sizes["fsdp"] > 1 and V % (sizes["fsdp"] * sizes["tensor"]) == 0 else 1
+    cpu32, split, gathered = (4 - cb) * (xla_cpu and cb < 4), E * Vt // f * (f > 1), f * rows * E * cb * (f > 1)
+    train = E * Vt * (cb + pb * (not lora) + (4 - cb * (not lora)) * (xla_cpu and cb < 4)) // f
+    return (train + split * (pb + cb + 2 * pb * (not lora) + cpu32) + gathered,
+            E * Vt * cb // f + split * ((pb if lora else min(pb, cb)) + cpu32) + gathered)
+
+
 def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, group_size: int, prompt_len: int,
              max_new_tokens: int, micro_batches: int, beta: float, logprob_chunk: int,
              eval_rollouts: tuple[tuple[int, int], ...] = (), master_weights: bool = False,
@@ -198,16 +211,16 @@ def estimate(cfg: ModelConfig, sizes: dict[str, int], *, batch_prompts: int, gro
     saved = overlap * L * b * (S * E * cb if cfg.remat else values(S, sum(blocks)))
     lora = cfg.lora is not None  # the base is frozen: no gradient of a gathered layer or of the head
     layer = b * S * cb * (2 * Ft + E) + (b * values(S, sum(blocks)) if cfg.remat else 0) + (2 - lora) * gathered
-    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + E * Vt * (cb + pb * (not lora)  # + XLA:CPU's float32 copy
-                                                             + (4 - cb * (not lora)) * (xla_cpu and cb < 4))
+    head_w, ref_head_w = _logprob_head(sizes, E, V, Vt, pb, cb, b * C, lora, xla_cpu)
+    head = b * (2 * C * Vt * 4 + 2 * S * E * cb) + head_w
     adapters = sum(shard_numel(a, s, sizes) for a, s in adapter_shapes(cfg)) * 4  # float32
     trained = adapters if lora else params
     return MemoryEstimate(
         params=params + adapters, optimizer=3 * trained * 4 // pb if master_weights else 2 * trained,
         reference=params * min(pb, cb) // pb if beta > 0 and not lora else 0,
         kv_cache=kv_cache, rollout_work=rollout_work,
-        reference_logprobs=(E * Vt * cb + gathered * min(pb, cb) // pb + max(b * forward(S, sum(blocks), score_bytes),
-                                                         b * (2 * S * E * cb + C * Vt * 4))) * (beta > 0),
+        reference_logprobs=(ref_head_w + gathered * min(pb, cb) // pb + max(
+            b * forward(S, sum(blocks), score_bytes), b * (2 * S * E * cb + C * Vt * 4))) * (beta > 0),
         gradients=trained * (2 if micro_batches > 1 else 1),
         activations=saved + max(layer, head),
     )

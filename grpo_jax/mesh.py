@@ -112,6 +112,39 @@ def gather_fsdp(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
+def _vocab_axes(mesh: Mesh, vocab_size: int) -> tuple[str, ...] | None:
+    """The mesh axes a log-prob head's vocab is split over (fsdp, then those the rules give vocab), or None."""
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+        return None
+    own = logical_spec(("vocab",))[0]
+    axes = ("fsdp",) + ((own,) if isinstance(own, str) else tuple(own or ()))
+    return axes if vocab_size % int(np.prod([mesh.shape[a] for a in axes])) == 0 else None
+
+
+def split_vocab(w_ExV: jax.Array) -> jax.Array:
+    """The output head [E, V] (a cast of the param) for token log-probs: under fsdp its vocab split over fsdp (and
+    over tensor, as the rules split vocab), E whole, so each device projects the rows of its data shard onto its
+    slice of the vocabulary (``vocab_rows``). Against gathering the head (``gather_fsdp``), no device holds the whole
+    head, XLA:CPU's float32 copy of it or its weight gradient, which is computed already split (at 151,936 x 1,024,
+    each of those is 0.3-0.6 GB per device); the rows' hidden states are gathered over fsdp instead. The head
+    gathered when the vocab does not divide; a no-op off a mesh or with fsdp = 1."""
+    mesh = jax.typeof(w_ExV).sharding.mesh
+    axes = _vocab_axes(mesh, w_ExV.shape[1])
+    if axes is None:
+        return gather_fsdp(w_ExV, ("embed", "vocab"))
+    return jax.lax.with_sharding_constraint(w_ExV, NamedSharding(mesh, PartitionSpec(None, axes)))
+
+
+def vocab_rows(h_RxE: jax.Array, w_ExV: jax.Array) -> jax.Array:
+    """Hidden states [rows, E] for the head ``split_vocab`` gives: split over ``data`` only (every row of a data
+    shard on each of its fsdp devices) when the head's vocab is split, else over the batch (``constrain_batch``)."""
+    mesh = jax.typeof(w_ExV).sharding.mesh
+    if _vocab_axes(mesh, w_ExV.shape[1]) is None:
+        return constrain_batch(h_RxE, w_ExV)
+    rows = "data" if h_RxE.shape[0] % mesh.shape["data"] == 0 else None
+    return jax.lax.with_sharding_constraint(h_RxE, NamedSharding(mesh, PartitionSpec(rows, None)))
+
+
 def param_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
     """Sharding of one param from its logical axis names; a dimension not divisible by its mesh axes is replicated
     (e.g. 2 kv heads on tensor=4), so any checkpoint loads on any mesh."""

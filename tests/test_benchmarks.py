@@ -72,8 +72,10 @@ def test_train_step_benchmark_smoke(capsys):
 
 @pytest.mark.slow
 def test_step_vs_trl_benchmark_smoke(capsys):
-    """Both sides (TRL GRPOTrainer and our loop) each run a step in their own process."""
-    (result,) = load("step_vs_trl").main(["--tiny"])
+    """Both sides (TRL GRPOTrainer and our loop, data parallel over 2 host devices) each run a step in their own
+    process."""
+    (result,) = load("step_vs_trl").main(["--tiny", "--devices", "2"])
+    assert result["devices"] == 2
     assert result["trl"]["step_s"]["median"] > 0 and result["grpo_jax"]["step_s"]["median"] > 0
     assert result["grpo_jax"]["update_s"]["median"] > 0 and result["update_over_ref_forward"] > 0
     assert result["recompiles_after_warmup"] == [0]

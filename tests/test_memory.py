@@ -101,9 +101,10 @@ def test_remat_beta_and_mesh_change_the_right_parts():
     #   and final norm 136*4 = 544), and the [E, V] head in cb (8*16*2 = 256); one prompt row:
     #   max(prefill 2*4*32 + (448 + 32) + one layer gathered 2048 - KV 320 = 2464, sampling 4*2*16*4 = 512)
     assert fsdp.rollout_work == 2048 + 544 + 256 + 2464
-    # reference: 1 row per micro-batch and device; one layer gathered in cb 512*2 = 1024; max(forward(8, 8) 1536,
-    #   256 + 256)
-    assert fsdp.reference_logprobs == 256 + 1024 + 1536
+    # reference: 1 row per micro-batch and device; the head's vocab split over fsdp 2 (mesh.split_vocab): [8, 16/2]
+    #   in cb 128, its reshard from the param's split 64 elements x 2 = 128, a chunk's 4 rows gathered over fsdp
+    #   2*4*8*2 = 128; one layer gathered in cb 512*2 = 1024; max(forward(8, 8) 1536, 256 + 256)
+    assert fsdp.reference_logprobs == 128 + 128 + 128 + 1024 + 1536
     # an eval rollout of 8 greedy prompts is larger than the training one (2 prompts x 2 samples)
     assert estimate(TINY, ONE, **BATCH, eval_rollouts=((8, 1),)).kv_cache == 32 * 8 * (4 + 3)
     with pytest.raises(ValueError, match="micro_batches=3"):

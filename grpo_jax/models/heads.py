@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.mesh import gather_fsdp
+from grpo_jax.mesh import gather_fsdp, split_vocab
 from grpo_jax.models.cache import KVCache
 from grpo_jax.models.config import ModelConfig
 from grpo_jax.models.transformer import Decoder, init_param
@@ -43,11 +43,13 @@ class CausalLM(nnx.Module):
         hidden_BxTxE, new_cache = self.model(tokens_BxT, positions_BxT, attention_mask_BxT, cache)
         return hidden_BxTxE if cache is None else (hidden_BxTxE, new_cache)
 
-    def lm_head_ExV(self) -> jax.Array:
-        """The output projection [E, V] in the compute dtype (the transposed embedding when tied), gathered over
-        fsdp once, after the cast."""
+    def lm_head_ExV(self, *, for_logprobs: bool = False) -> jax.Array:
+        """The output projection [E, V] in the compute dtype (the transposed embedding when tied): gathered over
+        fsdp once, after the cast, for logits; for token log-probs (``models.logprobs``) its vocab split instead
+        (``mesh.split_vocab``)."""
         w = self.model.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return gather_fsdp(w.astype(self.config.compute_dtype), ("embed", "vocab"))
+        w = w.astype(self.config.compute_dtype)
+        return split_vocab(w) if for_logprobs else gather_fsdp(w, ("embed", "vocab"))
 
     def logits(self, hidden_BxTxE: jax.Array) -> jax.Array:
         return hidden_BxTxE @ self.lm_head_ExV()

@@ -4,18 +4,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.mesh import constrain_batch
+from grpo_jax.mesh import vocab_rows
 from grpo_jax.models.heads import CausalLM
 
 
 def _chunk_stats(h_BxCxE, targets_BxC, w_ExV, inv_temperature, return_entropy):
     """float32 log p(target) and entropy of softmax(h @ w / temperature) for one chunk of positions."""
     B, C, E = h_BxCxE.shape  # one 2-D matmul: XLA:CPU's backward of the 3-D einsum is several times slower
-    h_BxCxE = constrain_batch(h_BxCxE, w_ExV)  # and its cotangent: rows split, never the batch's logits gathered
-    logits_BxCxV = jnp.matmul(h_BxCxE.reshape(B * C, E), w_ExV, preferred_element_type=jnp.float32).reshape(B, C, -1)
+    h_RxE = vocab_rows(h_BxCxE.reshape(B * C, E), w_ExV)  # and its cotangent; never the batch's logits gathered
+    logits_BxCxV = jnp.matmul(h_RxE, w_ExV, preferred_element_type=jnp.float32).reshape(B, C, -1)
     logits_BxCxV = logits_BxCxV * inv_temperature
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    logps_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0] - lse_BxC
+    # the target's logit as a masked sum over the vocab (exact: one term), which a vocab-split head partitions
+    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+    logps_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1) - lse_BxC
     if not return_entropy:
         return logps_BxC, None
     probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
@@ -57,8 +59,8 @@ def token_logprobs(
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     hidden_BxTxE = model.hidden_states(tokens_BxT, positions_BxT, mask_BxT)
-    return logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, model.lm_head_ExV(), temperature=temperature,
-                                return_entropy=return_entropy, chunk_size=chunk_size)
+    return logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, model.lm_head_ExV(for_logprobs=True),
+                                temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
 
 
 def logprobs_from_hidden(hidden_BxTxE, tokens_BxT, mask_BxT, w_ExV, *, temperature, return_entropy, chunk_size):

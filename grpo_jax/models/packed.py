@@ -106,7 +106,7 @@ def plan_logprobs(model, plan: Plan, *, temperature, return_entropy: bool, chunk
         (plan.chunk, plan.global_chunks, plan.window_chunks))
     h_DxRLxE = hidden.reshape(D, R * L, hidden.shape[-1])
     h_DxNxE = jnp.take_along_axis(h_DxRLxE, plan.source_XxN[..., None], axis=1)
-    outs = gathered_logprobs(h_DxNxE, plan.target_XxN, model.lm_head_ExV(), temperature=temperature,
+    outs = gathered_logprobs(h_DxNxE, plan.target_XxN, model.lm_head_ExV(for_logprobs=True), temperature=temperature,
                              return_entropy=return_entropy, chunk_size=chunk_size)
     B, S = plan.slot_BxS.shape
     slot_DxBS = plan.slot_BxS.reshape(D, (B // D) * S)
