@@ -21,8 +21,8 @@ back to the system between phases (without it the second step's rollout went pas
 Per run it prints the first step's wall time (it compiles the sampler, the reference pass and the update), the
 second step's (compiled), the compiled train step's peak bytes per device (XLA's memory analysis,
 ``train.log_memory``) against ``grpo_jax.memory``'s estimate of the same (params + optimizer state + the train
-phase), and the LoRA / full ratio of that peak. The estimate leaves out what XLA:CPU adds for bfloat16 (it computes
-in float32 and keeps float32 copies; see grpo_jax/memory.py), so on this CPU it is expected to read low.
+phase, with ``xla_cpu=True``: the float32 copies XLA:CPU keeps of bfloat16 arrays it computes with), and the LoRA /
+full ratio of that peak.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     pip install -e '.[bench]'                       # TRL and torch (CPU) for the anchor
     python benchmarks/step_vs_trl.py                # standard + long shape, 2 rounds, 5 measured steps per side
     python benchmarks/step_vs_trl.py --shape standard --rounds 3 --steps 8
-    python benchmarks/step_vs_trl.py --devices 2    # grpo_jax data parallel over 2 host devices (the CPU's cores)
+    python benchmarks/step_vs_trl.py --devices 1    # grpo_jax on one CPU device (default: 2, as TRL's 2 threads)
     python benchmarks/step_vs_trl.py --tiny         # seconds-long smoke run (tests/test_benchmarks.py)
 
 The workload (the standard one of ``shared/perf/workload.md``): a random Qwen2 (vocab 512, E 128, F 384, 4 layers,
@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--set", action="append", default=[],
                     help="an override of grpo_jax's config, e.g. train.log_entropy=false (repeatable)")
-    ap.add_argument("--devices", type=int, default=1,
-                    help="grpo_jax's CPU devices (host devices, mesh.data over them; TRL always uses its 2 threads)")
+    ap.add_argument("--devices", type=int, default=THREADS,
+                    help="grpo_jax's CPU devices (host devices, mesh.data over them), default as many as TRL's threads")
     ap.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--worker", choices=["trl", "jax"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)

@@ -135,12 +135,17 @@ def split_vocab(w_ExV: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(w_ExV, NamedSharding(mesh, PartitionSpec(None, axes)))
 
 
+def vocab_split(w_ExV: jax.Array) -> bool:
+    """Whether ``split_vocab`` splits this head's vocabulary (on its mesh, at its size)."""
+    return _vocab_axes(jax.typeof(w_ExV).sharding.mesh, w_ExV.shape[1]) is not None
+
+
 def vocab_rows(h_RxE: jax.Array, w_ExV: jax.Array) -> jax.Array:
     """Hidden states [rows, E] for the head ``split_vocab`` gives: split over ``data`` only (every row of a data
     shard on each of its fsdp devices) when the head's vocab is split, else over the batch (``constrain_batch``)."""
-    mesh = jax.typeof(w_ExV).sharding.mesh
-    if _vocab_axes(mesh, w_ExV.shape[1]) is None:
+    if not vocab_split(w_ExV):
         return constrain_batch(h_RxE, w_ExV)
+    mesh = jax.typeof(w_ExV).sharding.mesh
     rows = "data" if h_RxE.shape[0] % mesh.shape["data"] == 0 else None
     return jax.lax.with_sharding_constraint(h_RxE, NamedSharding(mesh, PartitionSpec(rows, None)))
 

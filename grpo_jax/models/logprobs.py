@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from grpo_jax.mesh import vocab_rows
+from grpo_jax.mesh import vocab_rows, vocab_split
 from grpo_jax.models.heads import CausalLM
 
 
@@ -15,9 +15,12 @@ def _chunk_stats(h_BxCxE, targets_BxC, w_ExV, inv_temperature, return_entropy):
     logits_BxCxV = jnp.matmul(h_RxE, w_ExV, preferred_element_type=jnp.float32).reshape(B, C, -1)
     logits_BxCxV = logits_BxCxV * inv_temperature
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    # the target's logit as a masked sum over the vocab (exact: one term), which a vocab-split head partitions
-    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    logps_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1) - lse_BxC
+    if vocab_split(w_ExV):  # a gather's backward would scatter into the whole vocabulary; a masked sum partitions
+        is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+        target_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)  # exact: one term
+    else:  # no [B, C, V] buffer beside the logits
+        target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    logps_BxC = target_BxC - lse_BxC
     if not return_entropy:
         return logps_BxC, None
     probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
