@@ -80,7 +80,7 @@ import math
 from pathlib import Path
 
 from grpo_jax.experiment import ExperimentConfig, load_experiment
-from grpo_jax.mesh import LOGICAL_AXIS_RULES
+from grpo_jax.mesh import LOGICAL_AXIS_RULES, vocab_split_axes
 from grpo_jax.models import ModelConfig
 from grpo_jax.models.published import PUBLISHED_CONFIGS
 from grpo_jax.models.shapes import adapter_shapes, param_count, param_shapes
@@ -157,7 +157,7 @@ def _logprob_head(sizes: dict[str, int], E: int, V: int, Vt: int, pb: int, cb: i
     (``mesh.split_vocab``) each is 1/f, plus a chunk's ``rows`` hidden states gathered over fsdp and the reshards
     from the param's split: the param's shard and its cast, and trained, the gradient's transposed copy and its
     reshard back (measured on XLA:CPU, E 256, V 32k, fsdp 8)."""
-    f = sizes["fsdp"] if sizes["fsdp"] > 1 and V % (sizes["fsdp"] * sizes["tensor"]) == 0 else 1
+    f = sizes["fsdp"] if vocab_split_axes(sizes, V) else 1
     cpu32, split, gathered = (4 - cb) * (xla_cpu and cb < 4), E * Vt // f * (f > 1), f * rows * E * cb * (f > 1)
     train = E * Vt * (cb + pb * (not lora) + (4 - cb * (not lora)) * (xla_cpu and cb < 4)) // f
     return (train + split * (pb + cb + 2 * pb * (not lora) + cpu32) + gathered,

@@ -6,7 +6,7 @@ Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameter
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -112,13 +112,14 @@ def gather_fsdp(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-def _vocab_axes(mesh: Mesh, vocab_size: int) -> tuple[str, ...] | None:
-    """The mesh axes a log-prob head's vocab is split over (fsdp, then those the rules give vocab), or None."""
-    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+def vocab_split_axes(sizes: Mapping[str, int], vocab_size: int) -> tuple[str, ...] | None:
+    """The mesh axes a log-prob head's vocab is split over on a mesh of these axis ``sizes`` (``mesh.shape``, or
+    ``grpo_jax.memory``'s): fsdp, then those the rules give vocab; None without fsdp or where they do not divide."""
+    if sizes.get("fsdp", 1) == 1:
         return None
     own = logical_spec(("vocab",))[0]
     axes = ("fsdp",) + ((own,) if isinstance(own, str) else tuple(own or ()))
-    return axes if vocab_size % int(np.prod([mesh.shape[a] for a in axes])) == 0 else None
+    return axes if vocab_size % int(np.prod([sizes[a] for a in axes])) == 0 else None
 
 
 def split_vocab(w_ExV: jax.Array) -> jax.Array:
@@ -129,7 +130,7 @@ def split_vocab(w_ExV: jax.Array) -> jax.Array:
     each of those is 0.3-0.6 GB per device); the rows' hidden states are gathered over fsdp instead. The head
     gathered when the vocab does not divide; a no-op off a mesh or with fsdp = 1."""
     mesh = jax.typeof(w_ExV).sharding.mesh
-    axes = _vocab_axes(mesh, w_ExV.shape[1])
+    axes = vocab_split_axes(mesh.shape, w_ExV.shape[1])
     if axes is None:
         return gather_fsdp(w_ExV, ("embed", "vocab"))
     return jax.lax.with_sharding_constraint(w_ExV, NamedSharding(mesh, PartitionSpec(None, axes)))
@@ -137,7 +138,7 @@ def split_vocab(w_ExV: jax.Array) -> jax.Array:
 
 def vocab_split(w_ExV: jax.Array) -> bool:
     """Whether ``split_vocab`` splits this head's vocabulary (on its mesh, at its size)."""
-    return _vocab_axes(jax.typeof(w_ExV).sharding.mesh, w_ExV.shape[1]) is not None
+    return vocab_split_axes(jax.typeof(w_ExV).sharding.mesh.shape, w_ExV.shape[1]) is not None
 
 
 def vocab_rows(h_RxE: jax.Array, w_ExV: jax.Array) -> jax.Array:

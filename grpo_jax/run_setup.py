@@ -17,6 +17,7 @@ from grpo_jax.layout import Layout, planned_logprobs
 from grpo_jax.mesh import batch_size_multiple, shard_model
 from grpo_jax.models import CausalLM, build_model, load_hf, save_hf, token_logprobs
 from grpo_jax.models.packed import plan_logprobs
+from grpo_jax.models.transformer import narrowed
 from grpo_jax.multihost import is_primary, sync, to_host
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,10 @@ def frozen_copy(params: nnx.State, compute_dtype: str) -> nnx.State:
     Every use of a param casts it to the compute dtype first (``transformer._dense``, ``rms_norm``, ``embed_tokens``,
     ``lm_head_ExV``), so the reference's log-probs are bit-identical and, with bfloat16 compute on float32 params,
     it takes half the bytes. A copy in any case: the train step donates the policy's buffers."""
-    dtype = jnp.dtype(compute_dtype)
 
     def one(w):
-        narrower = jnp.issubdtype(w.dtype, jnp.floating) and jnp.dtype(w.dtype).itemsize > dtype.itemsize
-        return w.astype(dtype) if narrower else jnp.copy(w)
+        out = narrowed(w, compute_dtype)
+        return jnp.copy(w) if out is w else out
 
     return jax.tree.map(one, params)
 

@@ -145,6 +145,14 @@ def decoder_layer(cfg: ModelConfig, p: LayerStack, x_BxTxE, cos, sin, attention)
     return constrain_batch(x_BxTxE + _dense(gated, p.down, 1, p.down_bias, adapter(cfg, p, "down")), p.attn_norm[...])
 
 
+def narrowed(w: jax.Array, dtype) -> jax.Array:
+    """A float array cast to ``dtype`` where that is narrower (every use of a param casts it to the compute dtype
+    first, so holding it narrowed changes no result); else ``w`` itself."""
+    dtype = jnp.dtype(dtype)
+    narrower = jnp.issubdtype(w.dtype, jnp.floating) and jnp.dtype(w.dtype).itemsize > dtype.itemsize
+    return w.astype(dtype) if narrower else w
+
+
 def embed_tokens(cfg: ModelConfig, embed: nnx.Param, tokens):
     """The tokens' embeddings in the compute dtype, split over the batch like every layer's output."""
     w = embed[...]
@@ -174,12 +182,8 @@ class Decoder(nnx.Module):
         where it is narrower: every use casts them to it anyway (``_dense``, ``rms_norm``), so the decode loop's
         copies (and, with fsdp > 1, the all-gathers XLA hoists out of the loop) take half the bytes."""
         _, stack = nnx.split(self.layers)
-        dtype = jnp.dtype(self.config.compute_dtype)
-
-        def piece(w, i):
-            return w[i].astype(dtype) if jnp.dtype(w.dtype).itemsize > dtype.itemsize else w[i]
-
-        return tuple(jax.tree.map(lambda w, i=i: piece(w, i), stack) for i in range(self.config.num_layers))
+        dtype = self.config.compute_dtype
+        return tuple(jax.tree.map(lambda w, i=i: narrowed(w[i], dtype), stack) for i in range(self.config.num_layers))
 
     def __call__(self, tokens_BxT, positions_BxT=None, attention_mask_BxT=None, cache: KVCache | None = None,
                  layers: tuple[nnx.State, ...] | None = None):
