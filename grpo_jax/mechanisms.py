@@ -14,6 +14,8 @@ times what the loss aggregation gives token t of row i (1/(B'·|o_i|) for seq-me
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +25,15 @@ from grpo_jax.losses import aggregate
 
 def token_weights(adv, loss_mask_BxS, agg: str, norm_len: float | None) -> np.ndarray:
     """w_BxS = A · ∂agg/∂v (0 outside the loss mask); ``adv`` is [B] (per sequence) or [B, S] (per token)."""
-    mask = jnp.asarray(loss_mask_BxS).astype(bool)
-    d_BxS = jax.grad(lambda v: aggregate(v, mask, agg, norm_len=norm_len))(jnp.zeros(mask.shape, jnp.float32))
-    a = jnp.asarray(adv, jnp.float32)
-    a_BxS = a[:, None] if a.ndim == 1 else a
-    return np.asarray(jnp.where(mask, a_BxS * d_BxS, 0.0))
+    return np.asarray(_token_weights(jnp.asarray(adv, jnp.float32), jnp.asarray(loss_mask_BxS).astype(bool), agg,
+                                     norm_len))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one compiled call per step, not a dozen eager ops and a grad
+def _token_weights(adv, mask_BxS, agg: str, norm_len: float | None) -> jax.Array:
+    d_BxS = jax.grad(lambda v: aggregate(v, mask_BxS, agg, norm_len=norm_len))(jnp.zeros(mask_BxS.shape, jnp.float32))
+    a_BxS = adv[:, None] if adv.ndim == 1 else adv
+    return jnp.where(mask_BxS, a_BxS * d_BxS, 0.0)
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
