@@ -18,7 +18,7 @@ from grpo_jax.algorithms import AlgoConfig, algorithm_class
 from grpo_jax.config import ConfigError, from_yaml
 from grpo_jax.data import DataConfig
 from grpo_jax.group_size import DynamicGroupConfig
-from grpo_jax.layout import LayoutKind
+from grpo_jax.layout import LayoutChoice
 from grpo_jax.mesh import make_mesh
 from grpo_jax.models import ModelConfig
 from grpo_jax.models.config import LoRAConfig
@@ -206,7 +206,9 @@ class TrainSection:
     logprob_chunk: int = 128
     grad_variance: bool = False  # log train/grad_var, train/grad_rel_var over the micro-batches (whole prompts)
     log_memory: bool = False  # memory/*: XLA's analysis of the compiled train step (first step), device peak (GPU/TPU)
-    layout: LayoutKind = "padded"  # the update's rows: padded, packed (no padding) or shared_prompt (grpo_jax.layout)
+    # the update's rows: padded, packed (no padding) or shared_prompt (grpo_jax.layout); auto: shared_prompt where
+    # it saves enough of the tokens (grpo_jax.layout.auto_layout on the training prompts' median length), else padded
+    layout: LayoutChoice = "auto"
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_prompts < 1 or self.num_iterations < 1 or self.micro_batches < 1:
@@ -254,7 +256,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         algorithm_class(self.algo.kind).check_config(self)  # each kind's own rules
-        if self.train.layout != "padded" and not algorithm_class(self.algo.kind).packs:
+        if self.train.layout not in ("padded", "auto") and not algorithm_class(self.algo.kind).packs:
             raise ValueError(f"train.layout={self.train.layout!r} is not implemented for algo.kind="
                              f"{self.algo.kind!r} (its forward reads the padded rows); use train.layout=padded")
         G = self.rollout.group_size

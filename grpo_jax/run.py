@@ -33,6 +33,7 @@ from grpo_jax.run_setup import (
     load_tokenizer,
     logprob_fn,
     prompt_bucket,
+    resolve_layout,
     warm_start,
     write_config,
 )
@@ -181,6 +182,7 @@ def build_run(cfg: ExperimentConfig, run_dir, *, restart: bool = False) -> tuple
         start_over(run_dir)
     tokenizer, algorithm = load_tokenizer(cfg.model), build_algorithm(cfg)
     splits, terms = build_splits(cfg.data, tokenizer), resolve_rewards(cfg.rewards)
+    cfg = resolve_layout(cfg, algorithm, tokenizer, splits.train)
     policy = warm_start(cfg, build_policy(cfg, tokenizer, mesh), tokenizer, splits.train, run_dir, mesh)
     bare = nnx.split(policy)  # the reference copies the policy alone, not what the algorithm trains beside it
     if cfg.model.lora is not None:

@@ -7,13 +7,14 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from grpo_jax import storage
 from grpo_jax.config import ConfigError, to_yaml
 from grpo_jax.evaluation import encode_prompts
 from grpo_jax.experiment import ExperimentConfig, ModelSection
-from grpo_jax.layout import Layout, planned_logprobs
+from grpo_jax.layout import Layout, auto_layout, planned_logprobs
 from grpo_jax.mesh import batch_size_multiple, shard_model
 from grpo_jax.models import CausalLM, build_model, load_hf, save_hf, token_logprobs
 from grpo_jax.models.packed import plan_logprobs
@@ -148,6 +149,20 @@ def prompt_bucket(cfg: ExperimentConfig, tokenizer, train_rows: list[dict]) -> i
     if not cfg.rollout.fixed_prompt_len or not train_rows:
         return cfg.rollout.min_prompt_bucket
     return max(cfg.rollout.min_prompt_bucket, *map(len, encode_prompts(tokenizer, train_rows)))
+
+
+def resolve_layout(cfg: ExperimentConfig, algorithm, tokenizer, train_rows: list[dict]) -> ExperimentConfig:
+    """``cfg`` with ``train.layout: auto`` made concrete (``grpo_jax.layout.auto_layout`` on the median token count
+    of the first 256 training prompts): padded for an algorithm whose forward reads the padded rows, for groups of
+    one and for ragged groups (``rollout.dynamic_group``, whose plans change shape with the data)."""
+    if cfg.train.layout != "auto":
+        return cfg
+    kind, G = "padded", cfg.rollout.group_size
+    if algorithm.packs and G > 1 and cfg.rollout.dynamic_group is None and train_rows:
+        median = float(np.median([len(p) for p in encode_prompts(tokenizer, train_rows[:256])]))
+        kind = auto_layout(G, median, cfg.rollout.max_new_tokens)
+    log.info("train.layout auto: %s", kind)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, layout=kind))
 
 
 def validate(cfg: ExperimentConfig, mesh) -> None:

@@ -210,7 +210,7 @@ def test_reference_pass_through_a_layout_equals_the_padded_one(kind):
 
 @pytest.mark.parametrize("sections, message", [
     ({"train": {"layout": "tight"}},
-     "train.layout: 'tight' is not allowed; choose one of ['padded', 'packed', 'shared_prompt']"),
+     "train.layout: 'tight' is not allowed; choose one of ['auto', 'padded', 'packed', 'shared_prompt']"),
     ({"algo": {"kind": "ppo"}}, "train.layout='packed' is not implemented for algo.kind='ppo'"),
 ])
 def test_bad_layout_config_is_one_line(sections, message):
@@ -225,6 +225,41 @@ def test_bad_layout_config_is_one_line(sections, message):
     with pytest.raises(ValueError) as err:
         from_dict(ExperimentConfig, cfg)
     assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_auto_layout_shares_the_prompt_where_it_saves_enough_token_slots():
+    from grpo_jax.layout import auto_layout
+
+    assert auto_layout(8, 6, 32) == "padded"  # step_vs_trl's standard shape: 304 slots a group padded, 288 shared
+    assert auto_layout(16, 64, 128) == "shared_prompt"  # its long shape: 3072 against 2112
+    assert auto_layout(8, 8, 8) == "padded"  # arith_tiny: 128 against 288 (completions start on a 32-token chunk)
+    assert auto_layout(8, 128, 32) == "shared_prompt"  # update_layouts.py's 4:1 batch: 1280 against 384
+    assert auto_layout(1, 500, 8) == "padded"  # nothing to share
+
+
+LONG = "a long question of many words " * 4
+
+
+@pytest.mark.parametrize("sections, prompt, layout", [
+    ({}, LONG, "shared_prompt"),  # 120 prompt tokens, G 4, 6 new: 4 x 126 slots a group padded, 128 + 4 x 32 shared
+    ({}, "1+2=", "padded"),  # 40 against 160
+    ({"rollout": {"max_new_tokens": 200}}, LONG, "padded"),  # 4 x 320 against 128 + 4 x 224
+    ({"train": {"layout": "packed"}}, LONG, "packed"),  # a layout set by hand stays
+    ({"algo": {"kind": "ppo"}}, LONG, "padded"),  # the critic reads the padded rows
+    ({"rollout": {"dynamic_group": {"min_size": 2, "max_size": 6}}}, LONG, "padded"),  # ragged groups
+])
+def test_auto_layout_of_a_run(sections, prompt, layout):
+    from grpo_jax.algorithms import build_algorithm
+    from grpo_jax.config import from_dict
+    from grpo_jax.experiment import ExperimentConfig
+    from grpo_jax.run_setup import load_tokenizer, resolve_layout
+
+    from loop_helpers import tiny_experiment
+
+    raw = tiny_experiment(**{k: v for k, v in sections.items() if k != "algo"})
+    cfg = from_dict(ExperimentConfig, raw | {"algo": sections.get("algo", raw["algo"])})
+    rows = [{"prompt": prompt}] * 10
+    assert resolve_layout(cfg, build_algorithm(cfg), load_tokenizer(cfg.model), rows).train.layout == layout
 
 
 @pytest.mark.slow
