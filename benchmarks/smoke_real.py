@@ -89,7 +89,8 @@ def experiment(geometry: str, tokenizer: Path, lora: bool, steps: int) -> dict:
             "algo": {"preset": "grpo", "loss": {"beta": 0.04}},
             "rollout": {"group_size": 4, "max_new_tokens": 16, "min_prompt_bucket": 32, "dtype": "bfloat16",
                         "mesh": {"data": 1, "fsdp": 1, "tensor": 8}},
-            "train": {"steps": steps, "batch_prompts": 2, "log_memory": True},
+            "train": {"steps": steps, "batch_prompts": 2, "log_memory": True,
+                      "layout": "padded"},  # the rows grpo_jax.memory's estimate counts
             "optim": {"lr": 1e-5 if lora else 1e-6}, "eval": {"num_examples": 0},
             "checkpoint": {"every": 1000, "async_save": False, "export_hf": False},
             "mesh": {"data": 1, "fsdp": 8, "tensor": 1}}

@@ -206,9 +206,7 @@ class TrainSection:
     logprob_chunk: int = 128
     grad_variance: bool = False  # log train/grad_var, train/grad_rel_var over the micro-batches (whole prompts)
     log_memory: bool = False  # memory/*: XLA's analysis of the compiled train step (first step), device peak (GPU/TPU)
-    # the update's rows: padded, packed (no padding) or shared_prompt (grpo_jax.layout); auto: shared_prompt where
-    # it saves enough of the tokens (grpo_jax.layout.auto_layout on the training prompts' median length), else padded
-    layout: LayoutChoice = "auto"
+    layout: LayoutChoice = "auto"  # padded, packed, shared_prompt (grpo_jax.layout); auto: layout.auto_layout picks
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_prompts < 1 or self.num_iterations < 1 or self.micro_batches < 1:
