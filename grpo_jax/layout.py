@@ -33,10 +33,11 @@ from grpo_jax.multihost import to_host
 
 LayoutKind = Literal["padded", "packed", "shared_prompt"]
 LayoutChoice = Literal["auto", "padded", "packed", "shared_prompt"]  # train.layout
+ROW_MULTIPLE = 32  # Layout.row_multiple's default: the attention's chunk
 SHARED_PROMPT_MIN_GAIN = 1.3  # measured gains 0.44 (arith_tiny), 1.06 (step_vs_trl standard), 1.45 (its long shape)
 
 
-def auto_layout(group_size: int, prompt_tokens: float, new_tokens: int, chunk: int = 32) -> LayoutKind:
+def auto_layout(group_size: int, prompt_tokens: float, new_tokens: int, chunk: int = ROW_MULTIPLE) -> LayoutKind:
     """``train.layout: auto``: shared_prompt when a group's token slots, G·(P + T) in padded rows against
     ceil(P/c)·c + G·ceil(T/c)·c in one shared-prompt row (its prompt and each completion start on a chunk of c =
     ``Layout.row_multiple``), shrink by ``SHARED_PROMPT_MIN_GAIN`` or more (P the prompt's tokens, T the completion's);
@@ -147,7 +148,7 @@ class Layout:
     micro_batches: int = 1
     contiguous: bool = False
     blocks: int = 1
-    row_multiple: int = 32  # the attention's chunk (query and key blocks); L and shared_prompt's slots align to it
+    row_multiple: int = ROW_MULTIPLE  # the attention's chunk (query, key blocks); L and shared_prompt's slots align
     row_factor: int = 4  # packed: rows of row_factor x S tokens (several sequences each)
     new_tokens: int | None = None
 
