@@ -7,8 +7,9 @@ import os
 import shutil
 import tempfile
 
+# LLVM's optimisation passes off: compiling is most of the suite's time, and the tiny programs run fast unoptimised
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # In-process `cli.main` calls get a compilation cache of their own, never the user's (~/.cache/grpo_jax), whose

@@ -41,10 +41,11 @@ def write_experiment(folder: Path, cfg: dict) -> Path:
 
 
 def cli_env(cache_dir: Path, devices: int = 1) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device in the subprocess by default
-    env.update(GRPO_JAX_CACHE=str(cache_dir), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    """A `grpo-jax` subprocess's environment: ``devices`` CPU devices (one by default), LLVM's optimisation passes
+    off as in the suite's own process (conftest.py), the compilation cache at ``cache_dir``."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(GRPO_JAX_CACHE=str(cache_dir), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
     return env
 
 
