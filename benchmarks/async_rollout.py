@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from grpo_jax.start import with_cpu_devices
+
 EXPERIMENT = Path(__file__).parents[1] / "experiments" / "arith_tiny"
 PHASES = ("rollout_s", "reward_s", "rollout_wait_s", "weight_sync_s", "prep_s", "train_s")
 COMMON = ["eval.every=0", "eval.num_examples=0", "checkpoint.every=1000000",
@@ -94,8 +96,7 @@ def side(mode: str, shared: str, warmup: int, steps: int, latency: float, tiny: 
     """One mode's worker in a fresh process (one CPU device); its JSON result."""
     cmd = [sys.executable, __file__, "--worker", mode, "--shared", shared, "--warmup", str(warmup),
            "--steps", str(steps), "--latency", str(latency)] + (["--tiny"] if tiny else [])
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = with_cpu_devices(os.environ, 1)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

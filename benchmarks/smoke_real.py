@@ -38,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_jax.start import with_cpu_devices
+
 ROOT = Path(__file__).parents[1]
 GEOMETRIES = {"qwen25_05b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen3_06b": "Qwen/Qwen3-0.6B", "tiny": None}
 LORA = {"rank": 16, "alpha": 32.0}
@@ -116,9 +118,8 @@ def run_one(workdir: Path, geometry: str, mode: str, tokenizer: Path, steps: int
     exp_dir = workdir / f"{geometry}_{mode}"
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / "config.yaml").write_text(yaml.safe_dump(experiment(geometry, tokenizer, mode == "lora", steps)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    env = with_cpu_devices(os.environ, 8) | {
+        "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "grpo_jax.cli", "train", str(exp_dir), "--run-dir",
                            str(exp_dir / "run"), "--no-progress"], env=env, capture_output=True, text=True)

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from grpo_jax.start import with_huge_pages
+from grpo_jax.start import with_cpu_devices, with_huge_pages
 
 SHAPES = {  # prompt tokens, G, new tokens, prompts per step
     "standard": dict(prompt_len=6, group=8, new_tokens=32, prompts=8),
@@ -191,9 +191,8 @@ def side(name: str, folder: str, shape_name: str, warmup: int, steps: int, overr
            "--warmup", str(warmup), "--steps", str(steps)] + [a for o in overrides for a in ("--set", o)]
     env = with_huge_pages(os.environ) | dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                                              WANDB_DISABLED="true", TOKENIZERS_PARALLELISM="false")
-    env.pop("XLA_FLAGS", None)
-    if name == "jax" and devices > 1:  # data parallel over the CPU's cores, each host device one thread of work
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # grpo_jax data parallel over the CPU's cores, each host device one thread of work
+    env = with_cpu_devices(env, devices if name == "jax" else 1)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

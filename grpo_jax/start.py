@@ -26,6 +26,13 @@ def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
     return dict(environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
 
 
+def with_cpu_devices(environ: Mapping[str, str], devices: int) -> dict[str, str]:
+    """``environ`` whose ``XLA_FLAGS`` force ``devices`` host CPU devices (a child process's JAX on the CPU), its
+    other XLA flags kept."""
+    flags = [f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device")]
+    return dict(environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
+
+
 def entry() -> None:
     """The ``grpo-jax`` command."""
     env = with_huge_pages(os.environ)

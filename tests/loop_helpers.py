@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_jax.start import with_cpu_devices
+
 ROOT = Path(__file__).parents[1]
 
 TINY_MODEL = dict(model_type="qwen2", vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -41,12 +43,10 @@ def write_experiment(folder: Path, cfg: dict) -> Path:
 
 
 def cli_env(cache_dir: Path, devices: int = 1) -> dict:
-    """A `grpo-jax` subprocess's environment: ``devices`` CPU devices (one by default), LLVM's optimisation passes
-    off as in the suite's own process (conftest.py), the compilation cache at ``cache_dir``."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(GRPO_JAX_CACHE=str(cache_dir), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
-    return env
+    """A `grpo-jax` subprocess's environment: ``devices`` CPU devices (one by default), the suite's other XLA flags
+    (tests/conftest.py), the compilation cache at ``cache_dir``."""
+    return with_cpu_devices(os.environ, devices) | dict(GRPO_JAX_CACHE=str(cache_dir), JAX_PLATFORMS="cpu",
+                                                        PYTHONPATH=str(ROOT))
 
 
 def train_cmd(experiment: Path, run_dir: Path, *overrides: str) -> list[str]:

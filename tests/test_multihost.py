@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 
 from grpo_jax import cli
 from grpo_jax.config import ConfigError
+from grpo_jax.start import with_cpu_devices
 
 from loop_helpers import ROOT, metrics, tiny_experiment, train_cmd, write_experiment
 
@@ -48,13 +49,10 @@ def free_port() -> int:
 
 
 def env_for(cache, devices: int, **extra) -> dict:
-    """CPU devices for one process. LLVM optimisation is off (compiling is most of this test's time); the single- and
-    the multi-process runs compile with the same flags, so they are still compared like for like."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(GRPO_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
-               **extra)
-    return env
+    """CPU devices for one process, the suite's other XLA flags kept (LLVM optimisation off: tests/conftest.py); the
+    single- and the multi-process runs compile with the same flags, so they are still compared like for like."""
+    return with_cpu_devices(os.environ, devices) | dict(
+        GRPO_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra)
 
 
 def launch(exp, run_dir, cache, processes: int, devices_each: int) -> list[subprocess.Popen]:

@@ -35,3 +35,11 @@ def test_grpo_jax_command_runs_with_huge_pages(tmp_path):
                           "from grpo_jax.start import entry; entry()"], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "arXiv:2503.14476" in out.stdout, out.stderr[-2000:]
     assert (tmp_path / "seen").read_text().split("\n")[:2] == ["-c None", f"-m {HUGE_PAGES}"]
+
+
+def test_child_cpu_devices_keep_the_other_xla_flags():
+    from grpo_jax.start import with_cpu_devices
+
+    env = with_cpu_devices({"A": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/d"}, 2)
+    assert env == {"A": "1", "XLA_FLAGS": "--xla_dump_to=/d --xla_force_host_platform_device_count=2"}
+    assert with_cpu_devices({}, 4) == {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
