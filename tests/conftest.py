@@ -7,10 +7,11 @@ import os
 import shutil
 import tempfile
 
+from grpo_jax.start import with_cpu_devices  # noqa: E402 (imports no jax)
+
 # LLVM's optimisation passes off: compiling is most of the suite's time, and the tiny programs run fast unoptimised
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+os.environ.update(with_cpu_devices(os.environ, 8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # In-process `cli.main` calls get a compilation cache of their own, never the user's (~/.cache/grpo_jax), whose
 # executables may come from another machine; tests that want a cache pass GRPO_JAX_CACHE explicitly.

@@ -15,9 +15,8 @@ from safetensors.numpy import load_file
 
 from grpo_jax import cli
 from grpo_jax.config import ConfigError
-from grpo_jax.start import with_cpu_devices
 
-from loop_helpers import ROOT, metrics, tiny_experiment, train_cmd, write_experiment
+from loop_helpers import ROOT, cli_env, metrics, tiny_experiment, train_cmd, write_experiment
 
 # fsdp=2 splits params, optimizer state, batch and checkpoint shards across the two processes (devices 0,1 belong
 # to process 0 and 2,3 to process 1); tensor=2 splits within each process.
@@ -51,8 +50,7 @@ def free_port() -> int:
 def env_for(cache, devices: int, **extra) -> dict:
     """CPU devices for one process, the suite's other XLA flags kept (LLVM optimisation off: tests/conftest.py); the
     single- and the multi-process runs compile with the same flags, so they are still compared like for like."""
-    return with_cpu_devices(os.environ, devices) | dict(
-        GRPO_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra)
+    return cli_env(cache, devices) | dict(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra)
 
 
 def launch(exp, run_dir, cache, processes: int, devices_each: int) -> list[subprocess.Popen]:
